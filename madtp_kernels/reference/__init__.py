@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations: the `torch` backend and the reference every other backend is tested against."""
