@@ -154,3 +154,8 @@ def select(op: str, device: torch.device, *dtypes: torch.dtype) -> Callable:
 def implementations(op: str) -> dict[str, Callable]:
     """Every registered implementation of `op`, available or not (tests and benchmarks iterate these)."""
     return dict(_REGISTRY.get(op, {}))
+
+
+def ops() -> list[str]:
+    """Names of every registered op."""
+    return sorted(_REGISTRY)

@@ -152,8 +152,8 @@ def unpack(packed: Tensor, cu_seqlens: Tensor, *, max_len: int | None = None, pa
     """Pad packed rows back to `[B, max_len, ...]` (max_len defaults to the longest sample)."""
     v.check_tensor(packed, "packed")
     v.check_ndim(packed, "packed", tuple(range(1, 8)), "[T, ...]")
+    v.check_same_device(packed, "packed", cu_seqlens=v.check_tensor(cu_seqlens, "cu_seqlens"))
     offsets = v.check_cu_seqlens(cu_seqlens, "cu_seqlens", packed.shape[0])
-    v.check_same_device(packed, "packed", cu_seqlens=cu_seqlens)
     if not isinstance(pad_value, (int, float)) or isinstance(pad_value, bool):
         raise TypeError(f"pad_value: expected a float, got {type(pad_value).__name__}")
     longest = int((offsets[1:] - offsets[:-1]).max()) if offsets is not None and offsets.numel() > 1 else 0
@@ -179,15 +179,15 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor, scores: Tensor, threshold: Tenso
     (their plain mean where those scores sum to 0; scores are meant to be non-negative importances).
     Gradients flow to x and, through the merged token, to scores.
     """
-    v.check_tensor(x, "x")
+    for name, t in (("x", x), ("cu_seqlens", cu_seqlens), ("scores", scores), ("threshold", threshold)):
+        v.check_tensor(t, name)
+    v.check_same_device(x, "x", cu_seqlens=cu_seqlens, scores=scores, threshold=threshold)
     v.check_ndim(x, "x", 2, "2-D [T, C]")
-    offsets = v.check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[0])
+    v.check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[0])
     batch = cu_seqlens.shape[0] - 1
-    v.check_tensor(scores, "scores")
     v.check_floating(scores, "scores")
     if tuple(scores.shape) != (x.shape[0],):
         raise ValueError(f"scores: expected shape ({x.shape[0]},) (one per row of x), got {tuple(scores.shape)}")
-    v.check_tensor(threshold, "threshold")
     if threshold.dtype != scores.dtype:
         raise TypeError(f"threshold: expected dtype {scores.dtype} (the dtype of scores), got {threshold.dtype}")
     if tuple(threshold.shape) != (batch,):
@@ -195,8 +195,6 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor, scores: Tensor, threshold: Tenso
     v.check_int(keep_first, "keep_first", minimum=0)
     if not isinstance(merge, bool):
         raise TypeError(f"merge: expected a bool, got {type(merge).__name__}")
-    v.check_same_device(x, "x", cu_seqlens=cu_seqlens, scores=scores, threshold=threshold)
-    del offsets  # checked; the kernels read the device copy
     impl = _dispatch.select("prune_tokens", x.device, x.dtype, scores.dtype)
     y, cu_new, kept_index = impl(x.contiguous(), cu_seqlens.contiguous(), scores.contiguous(),
                                  threshold.contiguous(), keep_first, merge)

@@ -9,3 +9,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_report_header(config):
+    # Tests import the installed package (no tests/__init__.py, so the checkout is not put on sys.path).
+    import madtp_kernels
+    from madtp_kernels import _dispatch
+
+    return (f"madtp_kernels from {madtp_kernels.__file__}; backends available: {_dispatch.available_backends()}; "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")

@@ -10,7 +10,7 @@ import madtp_kernels as mk
 from madtp_kernels import _dispatch
 from madtp_kernels.reference import tokens as ref
 
-from .backends import backend_params
+from backend_params import backend_params
 
 # Kept rows are copies and must match bit for bit; a merged row is a float32 mean rounded to the dtype, so it
 # may differ from the float64 oracle by the dtype's rounding (plus float32 summation error).

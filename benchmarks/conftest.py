@@ -1,0 +1,38 @@
+"""Shared set-up for the benchmark suites: device, size scaling on CPU, and the figures each benchmark records."""
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# A CPU run shrinks the batch so the whole suite stays within minutes on 2 cores; the token and channel counts
+# stay the real models' (ViT-B/16: 197 tokens, 768 channels).
+BATCH = int(os.environ.get("MADTP_BENCH_BATCH", 64 if ON_GPU else 8))
+
+
+def pytest_report_header(config):
+    return (f"benchmarks on {DEVICE} ({torch.cuda.get_device_name() if ON_GPU else 'CPU timings, not GPU'}); "
+            f"batch {BATCH}{'' if ON_GPU else ' (scaled down on CPU; MADTP_BENCH_BATCH overrides)'}")
+
+
+def record(benchmark, *, backend: str, bytes_moved: int, flops: int = 0, **extra) -> None:
+    """What the report needs beside the time: device, backend, bytes and FLOPs the op must move and do."""
+    benchmark.extra_info.update(device=str(DEVICE), backend=backend, bytes=bytes_moved, flops=flops, **extra)
+
+
+def run(benchmark, fn):
+    """Time fn, synchronising the GPU so asynchronous launches are not mistaken for finished work."""
+    if ON_GPU:
+        def timed():
+            out = fn()
+            torch.cuda.synchronize()
+            return out
+        return benchmark(timed)
+    return benchmark(fn)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.inference_mode():
+        yield
