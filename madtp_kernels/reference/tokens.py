@@ -6,6 +6,8 @@ Accumulation is in float32 (float64 for float64 inputs), as in the kernels.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -74,22 +76,29 @@ def keep_flags(cu_seqlens: Tensor, scores: Tensor, threshold: Tensor, keep_first
     return keep, seg
 
 
-def _merge_weights(x: Tensor, scores: Tensor, dropped: Tensor, seg: Tensor, batch: int):
-    """Per-row weights of the merged token and the merged rows themselves, in the accumulation dtype.
+def segment_matmul(weights: Tensor, x: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """out[b] = sum over rows r of sample b of weights[r] * x[r]: a [B, T] CSR matrix (its row offsets are
+    cu_seqlens) times x, one pass over x without a [T, C] temporary."""
+    rows = x.shape[0]
+    with warnings.catch_warnings():  # CSR is "beta" in torch; this use (CSR @ dense) is long stable
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_csr_tensor(cu_seqlens.long(), torch.arange(rows, device=x.device), weights,
+                                      size=(cu_seqlens.numel() - 1, rows), check_invariants=False)
+        return csr @ x
 
-    merged_b = sum_d w_d x_d / sum_d w_d over dropped rows, w = score; the plain mean where the weights sum to 0.
-    Returns (row weight [T] = w_d / W_b on dropped rows, 0 elsewhere; merged [B, C]; W [B]; n_dropped [B]).
+
+def _merge_weights(scores: Tensor, dropped: Tensor, seg: Tensor, batch: int, acc: torch.dtype):
+    """Each row's weight in its sample's merged token, and each sample's score total W.
+
+    merged_b = sum_d w_d x_d / W_b over dropped rows d, w = score; the plain mean where W_b = 0.
+    Returns (row weights [T]: w_d / W_b (or 1 / n_dropped) on dropped rows, 0 elsewhere; W [B]).
     """
-    acc = accumulate_dtype(x.dtype)
     w = torch.where(dropped, scores.to(acc), 0)
-    total = torch.zeros(batch, dtype=acc, device=x.device).index_add_(0, seg, w)
-    n_dropped = torch.zeros(batch, dtype=acc, device=x.device).index_add_(0, seg, dropped.to(acc))
+    total = torch.zeros(batch, dtype=acc, device=scores.device).index_add_(0, seg, w)
+    n_dropped = torch.zeros(batch, dtype=acc, device=scores.device).index_add_(0, seg, dropped.to(acc))
     uniform = total == 0
     denom = torch.where(uniform, n_dropped.clamp_min(1), total)
-    w = torch.where(uniform[seg] & dropped, 1.0, w) / denom[seg]
-    merged = torch.zeros((batch, x.shape[1]), dtype=acc, device=x.device)
-    merged.index_add_(0, seg, w[:, None] * x.to(acc))
-    return w, merged, total, n_dropped
+    return torch.where(uniform[seg] & dropped, 1.0, w) / denom[seg], total
 
 
 def prune_tokens(x: Tensor, cu_seqlens: Tensor, scores: Tensor, threshold: Tensor, keep_first: int,
@@ -109,12 +118,13 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor, scores: Tensor, threshold: Tenso
     kept_before = offsets_of(n_keep).long()  # kept rows of earlier samples
     dest = cu_new.long()[seg[kept_rows]] + rank - kept_before[seg[kept_rows]]
 
-    y = x.new_empty((rows_out, x.shape[1]))
     kept_index = torch.full((rows_out,), -1, dtype=torch.int32, device=x.device)
-    y[dest] = x[kept_rows]
     kept_index[dest] = kept_rows.to(torch.int32)
+    y = x.index_select(0, kept_index.clamp_min(0))  # merged rows are overwritten below
     if merge:
-        _, merged, _, _ = _merge_weights(x, scores, ~keep, seg, batch)
+        acc = accumulate_dtype(x.dtype)
+        w, _ = _merge_weights(scores, ~keep, seg, batch, acc)
+        merged = segment_matmul(w, x.to(acc), cu_seqlens)
         merged_rows = cu_new.long()[1:][has_merged] - 1
         y[merged_rows] = merged[has_merged].to(x.dtype)
     return y, cu_new, kept_index
@@ -135,7 +145,7 @@ def prune_tokens_backward(grad_y: Tensor, x: Tensor, cu_seqlens: Tensor, scores:
     dropped = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     dropped[src] = False
     seg = segment_ids(cu_seqlens, x.shape[0])
-    w, merged, total, _ = _merge_weights(x, scores, dropped, seg, batch)
+    w, total = _merge_weights(scores, dropped, seg, batch, acc)
     # A sample with a dropped row has its merged row last; rows of other samples read a zero gradient.
     grad_merged = torch.zeros((batch, x.shape[1]), dtype=acc, device=x.device)
     has_merged = torch.zeros(batch, dtype=torch.bool, device=x.device)
@@ -143,8 +153,11 @@ def prune_tokens_backward(grad_y: Tensor, x: Tensor, cu_seqlens: Tensor, scores:
     grad_merged[has_merged] = grad_y[cu_new.long()[1:][has_merged] - 1].to(acc)
     g = grad_merged[seg]                                        # [T, C]
     grad_x += (w[:, None] * g).to(x.dtype)
-    # d merged_b / d w_d = (x_d - merged_b) / W_b, only where the weights are used (W_b != 0).
+    # d merged_b / d w_d = (x_d - merged_b) / W_b where the weights are used (W_b != 0); with p_d = x_d . g_b,
+    # merged_b . g_b = sum_d' (w_d' / W_b) p_d', so no merged row needs rebuilding.
+    p = (x.to(acc) * g).sum(1)
+    merged_dot_g = torch.zeros(batch, dtype=acc, device=x.device).index_add_(0, seg, w * p)
     weighted = dropped & (total != 0)[seg]
-    ds = ((x.to(acc) - merged[seg]) * g).sum(1) / torch.where(weighted, total[seg], 1)
+    ds = (p - merged_dot_g[seg]) / torch.where(weighted, total[seg], 1)
     grad_scores += torch.where(weighted, ds, 0).to(scores.dtype)
     return grad_x, grad_scores
