@@ -34,8 +34,8 @@ def collect() -> dict:
         "backends": {},
     }
     if info["cuda_extension_built"]:
-        raw = torch.ops.madtp_kernels.cusparselt_version()  # MAJOR*10000 + MINOR*100 + PATCH
-        info["cusparselt"] = f"{raw // 10000}.{raw // 100 % 100}.{raw % 100}"
+        raw = torch.ops.madtp_kernels.cusparselt_version()  # CUSPARSELT_VERSION: MAJOR*1000 + MINOR*100 + PATCH
+        info["cusparselt"] = f"{raw // 1000}.{raw % 1000 // 100}.{raw % 100}"
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
         info["gpus"].append({"name": props.name, "capability": f"{props.major}.{props.minor}",

@@ -1,0 +1,38 @@
+"""The compiled extension: its ops carry the Python twins' schemas, and CUDA ops refuse CPU tensors."""
+import pytest
+import torch
+
+import madtp_kernels as mk
+from madtp_kernels import _dispatch, tokens
+
+needs_extension = pytest.mark.skipif(not _dispatch.BACKENDS["cuda"].is_available(),
+                                     reason="madtp_kernels._C not built")
+
+
+def _signature(op_packet) -> str:
+    schema = str(op_packet.default._schema)
+    return schema[schema.index("("):]
+
+
+@needs_extension
+@pytest.mark.parametrize("op", sorted(tokens.SCHEMAS))
+def test_cpp_schema_matches_python(op):
+    cuda_op = getattr(torch.ops.madtp_kernels, f"{op}_cuda")
+    assert _signature(cuda_op) == _signature(getattr(torch.ops.madtp_kernels, f"{op}_torch"))
+    assert _signature(cuda_op) == tokens.SCHEMAS[op]
+
+
+@needs_extension
+def test_cuda_op_refuses_cpu_tensors():
+    x = torch.randn(4, 3)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.ops.madtp_kernels.prune_tokens_cuda(x, cu, torch.rand(4), torch.rand(1), 1, True)
+    with mk.use_backend("cuda"), pytest.raises(TypeError, match="backend 'cuda'"):
+        mk.prune_tokens(x, cu, torch.rand(4), torch.rand(1))
+
+
+@needs_extension
+def test_cusparselt_is_linked():
+    version = torch.ops.madtp_kernels.cusparselt_version()
+    assert version >= 800  # CUSPARSELT_VERSION: MAJOR*1000 + MINOR*100 + PATCH; the wheel torch pins is 0.8.x
