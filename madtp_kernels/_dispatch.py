@@ -48,6 +48,8 @@ class Backend:
     min_capability: tuple[int, int] | None
     is_available: Callable[[], bool]
     description: str
+    head_dims: frozenset[int] | None = None   # attention head dims it compiles (None: any up to max_head_dim)
+    max_head_dim: int | None = None
 
     def supports_device(self, device: torch.device) -> bool:
         if device.type not in self.devices:
@@ -67,7 +69,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("cuda", frozenset({"cuda"}), _FLOAT_DTYPES, (8, 0), _cuda_extension_built,
                 "compiled C++/CUDA kernels (madtp_kernels._C), sm_80 and sm_90a"),
         Backend("triton", _triton_devices(), _FLOAT_DTYPES, (8, 0), _triton_importable,
-                "Triton kernels; on CPU only under TRITON_INTERPRET=1"),
+                "Triton kernels; on CPU only under TRITON_INTERPRET=1", max_head_dim=256),
         Backend("torch", frozenset({"cpu", "cuda"}), _FLOAT_DTYPES | {torch.float64}, None, lambda: True,
                 "pure PyTorch (madtp_kernels.reference): the CPU path and the test oracle"),
     )
@@ -115,7 +117,8 @@ def forced_backend() -> str | None:
     return name
 
 
-def _why_not(backend: Backend, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+def _why_not(backend: Backend, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...],
+             head_dim: int | None = None) -> str | None:
     if backend.name not in _REGISTRY.get(op, {}):
         return f"backend {backend.name!r} does not implement {op}"
     if not backend.is_available():
@@ -129,21 +132,27 @@ def _why_not(backend: Backend, op: str, device: torch.device, dtypes: tuple[torc
     for dtype in dtypes:
         if dtype not in backend.dtypes:
             return f"backend {backend.name!r} supports dtypes {sorted(map(str, backend.dtypes))}, got {dtype}"
+    if head_dim is not None:
+        if backend.head_dims is not None and head_dim not in backend.head_dims:
+            return f"backend {backend.name!r} supports head dims {sorted(backend.head_dims)}, got {head_dim}"
+        if backend.max_head_dim is not None and head_dim > backend.max_head_dim:
+            return f"backend {backend.name!r} supports head dims up to {backend.max_head_dim}, got {head_dim}"
     return None
 
 
-def select(op: str, device: torch.device, *dtypes: torch.dtype) -> Callable:
-    """The implementation of `op` for inputs on `device` whose floating-point tensors have `dtypes`."""
+def select(op: str, device: torch.device, *dtypes: torch.dtype, head_dim: int | None = None) -> Callable:
+    """The implementation of `op` for inputs on `device` whose floating-point tensors have `dtypes`
+    (and, for attention, whose head dim is `head_dim`)."""
     forced = forced_backend()
     if forced is not None:
-        reason = _why_not(BACKENDS[forced], op, device, dtypes)
+        reason = _why_not(BACKENDS[forced], op, device, dtypes, head_dim)
         if reason is not None:
-            able = [n for n in BACKENDS if _why_not(BACKENDS[n], op, device, dtypes) is None]
+            able = [n for n in BACKENDS if _why_not(BACKENDS[n], op, device, dtypes, head_dim) is None]
             raise TypeError(f"{op}: {reason}; backends that can run these inputs: {able}")
         return _REGISTRY[op][forced]
     reasons = []
     for name in AUTO_ORDER.get(device.type, ()):
-        reason = _why_not(BACKENDS[name], op, device, dtypes)
+        reason = _why_not(BACKENDS[name], op, device, dtypes, head_dim)
         if reason is None:
             return _REGISTRY[op][name]
         reasons.append(reason)

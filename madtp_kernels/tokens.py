@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _library
-from . import _validation as v
+from . import _validation as checks
 from .reference import tokens as ref
 
 SCHEMAS = {
@@ -117,8 +117,8 @@ def pack(x: Tensor, lengths: Tensor | None = None, *, mask: Tensor | None = None
     Give either `lengths [B]` (sample b keeps its first lengths[b] tokens) or `mask [B, N]` (bool: the tokens
     to keep, in order). A bool `[B, N]` tensor passed as `lengths` is taken as the mask.
     """
-    v.check_tensor(x, "x")
-    v.check_ndim(x, "x", tuple(range(2, 9)), "[B, N, ...]")
+    checks.check_tensor(x, "x")
+    checks.check_ndim(x, "x", tuple(range(2, 9)), "[B, N, ...]")
     if lengths is not None and isinstance(lengths, Tensor) and lengths.dtype == torch.bool and mask is None:
         lengths, mask = None, lengths
     if (lengths is None) == (mask is None):
@@ -126,17 +126,17 @@ def pack(x: Tensor, lengths: Tensor | None = None, *, mask: Tensor | None = None
                         + ("both" if mask is not None else "neither"))
     batch, n = x.shape[:2]
     if mask is not None:
-        v.check_tensor(mask, "mask")
-        v.check_dtype(mask, "mask", (torch.bool,))
+        checks.check_tensor(mask, "mask")
+        checks.check_dtype(mask, "mask", (torch.bool,))
         if tuple(mask.shape) != (batch, n):
             raise ValueError(f"mask: expected shape {(batch, n)} (x's first two dims), got {tuple(mask.shape)}")
-        v.check_same_device(x, "x", mask=mask)
+        checks.check_same_device(x, "x", mask=mask)
     else:
-        v.check_tensor(lengths, "lengths")
-        v.check_dtype(lengths, "lengths", _LENGTH_DTYPES)
+        checks.check_tensor(lengths, "lengths")
+        checks.check_dtype(lengths, "lengths", _LENGTH_DTYPES)
         if tuple(lengths.shape) != (batch,):
             raise ValueError(f"lengths: expected shape ({batch},) (x's batch dim), got {tuple(lengths.shape)}")
-        v.check_same_device(x, "x", lengths=lengths)
+        checks.check_same_device(x, "x", lengths=lengths)
         if not torch.compiler.is_compiling() and batch:
             lo, hi = int(lengths.min()), int(lengths.max())
             if lo < 0 or hi > n:
@@ -150,10 +150,10 @@ def pack(x: Tensor, lengths: Tensor | None = None, *, mask: Tensor | None = None
 
 def unpack(packed: Tensor, cu_seqlens: Tensor, *, max_len: int | None = None, pad_value: float = 0.0) -> Tensor:
     """Pad packed rows back to `[B, max_len, ...]` (max_len defaults to the longest sample)."""
-    v.check_tensor(packed, "packed")
-    v.check_ndim(packed, "packed", tuple(range(1, 8)), "[T, ...]")
-    v.check_same_device(packed, "packed", cu_seqlens=v.check_tensor(cu_seqlens, "cu_seqlens"))
-    offsets = v.check_cu_seqlens(cu_seqlens, "cu_seqlens", packed.shape[0])
+    checks.check_tensor(packed, "packed")
+    checks.check_ndim(packed, "packed", tuple(range(1, 8)), "[T, ...]")
+    checks.check_same_device(packed, "packed", cu_seqlens=checks.check_tensor(cu_seqlens, "cu_seqlens"))
+    offsets = checks.check_cu_seqlens(cu_seqlens, "cu_seqlens", packed.shape[0])
     if not isinstance(pad_value, (int, float)) or isinstance(pad_value, bool):
         raise TypeError(f"pad_value: expected a float, got {type(pad_value).__name__}")
     longest = int((offsets[1:] - offsets[:-1]).max()) if offsets is not None and offsets.numel() > 1 else 0
@@ -161,7 +161,7 @@ def unpack(packed: Tensor, cu_seqlens: Tensor, *, max_len: int | None = None, pa
         if offsets is None:
             raise ValueError("max_len: required under torch.compile (the longest sample is not known while tracing)")
         max_len = longest
-    v.check_int(max_len, "max_len", minimum=0)
+    checks.check_int(max_len, "max_len", minimum=0)
     if max_len < longest:
         raise ValueError(f"max_len: expected >= the longest sample ({longest} rows), got {max_len}")
     impl = _dispatch.select("unpack", packed.device, packed.dtype)
@@ -180,19 +180,19 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor, scores: Tensor, threshold: Tenso
     Gradients flow to x and, through the merged token, to scores.
     """
     for name, t in (("x", x), ("cu_seqlens", cu_seqlens), ("scores", scores), ("threshold", threshold)):
-        v.check_tensor(t, name)
-    v.check_same_device(x, "x", cu_seqlens=cu_seqlens, scores=scores, threshold=threshold)
-    v.check_ndim(x, "x", 2, "2-D [T, C]")
-    v.check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[0])
+        checks.check_tensor(t, name)
+    checks.check_same_device(x, "x", cu_seqlens=cu_seqlens, scores=scores, threshold=threshold)
+    checks.check_ndim(x, "x", 2, "2-D [T, C]")
+    checks.check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[0])
     batch = cu_seqlens.shape[0] - 1
-    v.check_floating(scores, "scores")
+    checks.check_floating(scores, "scores")
     if tuple(scores.shape) != (x.shape[0],):
         raise ValueError(f"scores: expected shape ({x.shape[0]},) (one per row of x), got {tuple(scores.shape)}")
     if threshold.dtype != scores.dtype:
         raise TypeError(f"threshold: expected dtype {scores.dtype} (the dtype of scores), got {threshold.dtype}")
     if tuple(threshold.shape) != (batch,):
         raise ValueError(f"threshold: expected shape ({batch},) (one per sample), got {tuple(threshold.shape)}")
-    v.check_int(keep_first, "keep_first", minimum=0)
+    checks.check_int(keep_first, "keep_first", minimum=0)
     if not isinstance(merge, bool):
         raise TypeError(f"merge: expected a bool, got {type(merge).__name__}")
     impl = _dispatch.select("prune_tokens", x.device, x.dtype, scores.dtype)

@@ -1,0 +1,159 @@
+"""varlen_attention: attention over ragged token sets, with fused index gathers and pruning statistics.
+
+Layout: q [Tq, H, D], k/v [Tk, H, D] packed with int32 cu_seqlens (DESIGN.md). With q_index / kv_index the
+packed layout is logical: logical token i is physical row index[i] of the buffer, gathered inside the kernels.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _dispatch, _library
+from . import _validation as checks
+from .reference import attention as ref
+
+SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+          "int max_seqlen_k, float scale, bool causal, Tensor? q_index, Tensor? kv_index, bool return_stats)"
+          " -> (Tensor, Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+                   "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? q_index, "
+                   "Tensor? kv_index) -> (Tensor, Tensor, Tensor)")
+
+
+class AttentionStats(NamedTuple):
+    received: Tensor  # [Tk, H] fp32: sum over the sequence's queries of the probability given to key j
+    cls: Tensor       # [Tk, H] fp32: the probability the sequence's first query gives to key j
+
+
+def _triton_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, return_stats):
+    from .triton import attention  # first use: Triton reads TRITON_INTERPRET when kernels are decorated
+
+    return attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index,
+                                      return_stats)
+
+
+def _fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, return_stats):
+    rows_q = q_index.shape[0] if q_index is not None else q.shape[0]
+    rows_k = (kv_index.shape[0] if kv_index is not None else k.shape[0]) if return_stats else 0
+    stats = q.new_empty((rows_k, q.shape[1]), dtype=ref.stats_dtype(q.dtype))
+    return q.new_empty((rows_q, *q.shape[1:])), stats, torch.empty_like(stats)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, _ = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, q_index, kv_index)
+    ctx.args = (max_q, max_k, scale, causal)
+    ctx.mark_non_differentiable(output[1], output[2])  # statistics steer pruning; they carry no gradient
+
+
+def _fake_backward(grad_out, q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_library.define("varlen_attention_backward", BACKWARD_SCHEMA, {"torch": ref.varlen_attention_backward}, fake=_fake_backward)
+
+
+def _backward(ctx, grad_out, _grad_received, _grad_cls):
+    # The backward is an op of its own, so torch.compile sees one opaque node, not a per-sequence loop.
+    q, k, v, cu_q, cu_k, q_index, kv_index = ctx.saved_tensors
+    impl = _dispatch.select("varlen_attention_backward", q.device, q.dtype, head_dim=q.shape[2])
+    grads = impl(grad_out.contiguous(), q, k, v, cu_q, cu_k, *ctx.args, q_index, kv_index)
+    return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+_library.define("varlen_attention", SCHEMA, {"torch": ref.varlen_attention, "triton": _triton_forward},
+                fake=_fake, backward=_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ public API
+
+def _check_index(index: Tensor | None, name: str, rows: int, buffer_rows: int, buffer: str) -> None:
+    if index is None:
+        return
+    checks.check_tensor(index, name)
+    checks.check_dtype(index, name, (torch.int32,))
+    if tuple(index.shape) != (rows,):
+        raise ValueError(f"{name}: expected shape ({rows},) (one row per logical token), got {tuple(index.shape)}")
+    if rows and not torch.compiler.is_compiling():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= buffer_rows:
+            raise ValueError(f"{name}: expected rows in [0, {buffer_rows}) ({buffer} has {buffer_rows} rows), "
+                             f"got min {lo}, max {hi}")
+
+
+def _check_max_seqlen(value, name: str, offsets: Tensor | None) -> int:
+    longest = int((offsets[1:] - offsets[:-1]).max()) if offsets is not None and offsets.numel() > 1 else 0
+    if value is None:
+        if offsets is None:
+            raise ValueError(f"{name}: required under torch.compile (the longest sequence is not known while "
+                             "tracing)")
+        return longest
+    checks.check_int(value, name, minimum=0)
+    if value < longest:
+        raise ValueError(f"{name}: expected >= the longest sequence ({longest}), got {value}")
+    return value
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None = None,
+                     *, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                     scale: float | None = None, causal: bool = False, q_index: Tensor | None = None,
+                     kv_index: Tensor | None = None, return_stats: bool = False):
+    """Attention of each sequence's queries over its own keys; no padding, no [Tq, Tk] matrix.
+
+    q [Tq, H, D], k/v [Tk, H, D] -> out [Tq, H, D] (q's dtype). cu_seqlens_k defaults to cu_seqlens_q.
+    causal=True aligns the mask bottom-right (flash-attn). A query with no key gets zeros.
+    q_index / kv_index (int32): logical token i is physical row index[i] of q's / k's and v's buffer.
+    return_stats=True -> (out, AttentionStats(received, cls)), fp32 [Tk, H], without gradient.
+    """
+    tensors = {"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q}
+    if cu_seqlens_k is not None:
+        tensors["cu_seqlens_k"] = cu_seqlens_k
+    for name, t in tensors.items():
+        checks.check_tensor(t, name)
+    checks.check_same_device(q, "q", k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                        q_index=q_index, kv_index=kv_index)
+    for name in ("q", "k", "v"):
+        checks.check_ndim(tensors[name], name, 3, "3-D [T, H, D]")
+    checks.check_floating(q, "q")
+    for name in ("k", "v"):
+        t = tensors[name]
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+        if t.shape[1:] != q.shape[1:]:
+            raise ValueError(f"{name}: expected [*, {q.shape[1]}, {q.shape[2]}] (q's heads and head dim), got "
+                             f"{tuple(t.shape)}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"v: expected {k.shape[0]} rows (as k), got {v.shape[0]}")
+    rows_q = q_index.shape[0] if isinstance(q_index, Tensor) else q.shape[0]
+    rows_k = kv_index.shape[0] if isinstance(kv_index, Tensor) else k.shape[0]
+    offsets_q = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", rows_q)
+    if cu_seqlens_k is None:
+        cu_seqlens_k, offsets_k = cu_seqlens_q, offsets_q
+        if rows_k != rows_q:
+            raise ValueError(f"cu_seqlens_k: required when k has {rows_k} logical rows and q has {rows_q}")
+    else:
+        checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", rows_k)
+        if cu_seqlens_k.shape != cu_seqlens_q.shape:
+            raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.shape[0] - 1} sequences (as cu_seqlens_q), "
+                             f"got {cu_seqlens_k.shape[0] - 1}")
+        offsets_k = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", rows_k)
+    _check_index(q_index, "q_index", rows_q, q.shape[0], "q")
+    _check_index(kv_index, "kv_index", rows_k, k.shape[0], "k")
+    max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", offsets_q)
+    max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", offsets_k)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[2])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    for name, flag in (("causal", causal), ("return_stats", return_stats)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    impl = _dispatch.select("varlen_attention", q.device, q.dtype, head_dim=q.shape[2])
+    out, received, cls = impl(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(),
+                              cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, float(scale), causal,
+                              None if q_index is None else q_index.contiguous(),
+                              None if kv_index is None else kv_index.contiguous(), return_stats)
+    return (out, AttentionStats(received, cls)) if return_stats else out

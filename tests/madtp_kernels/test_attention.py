@@ -1,0 +1,163 @@
+"""varlen_attention on every backend against a float64 oracle: self, cross and causal attention, index gathers,
+statistics, gradients, opcheck and torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_oracle import make_inputs, oracle_attention
+from backend_params import backend_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import madtp_kernels as mk
+from madtp_kernels import _dispatch
+
+# The kernel's error against float64 may be at most 2x plain PyTorch's error in the same dtype, plus this
+# absolute slack for the dtype's rounding of the output (CONVENTIONS.md rule 6).
+ROUNDING = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@st.composite
+def attention_cases(draw, max_len=24):
+    batch = draw(st.integers(0, 4))
+    lq = draw(st.lists(st.sampled_from([0, 1, 2, 5, 9, max_len]), min_size=batch, max_size=batch))
+    cross = draw(st.booleans())
+    lk = draw(st.lists(st.sampled_from([0, 1, 3, 7, max_len]), min_size=batch, max_size=batch)) if cross else lq
+    if batch and draw(st.booleans()):  # skew: one sequence far longer than the rest
+        b = draw(st.integers(0, batch - 1))
+        lq, lk = list(lq), list(lk)
+        lq[b] = lk[b] = draw(st.integers(60, 130))
+    return dict(lengths_q=lq, lengths_k=lk, heads=draw(st.sampled_from([1, 3])),
+                head_dim=draw(st.sampled_from([32, 40, 64, 80, 128])), causal=draw(st.booleans()),
+                index_q=draw(st.booleans()), index_kv=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def check_against_oracle(backend, device, dtype, case, return_stats=True):
+    case = dict(case)
+    causal = case.pop("causal")
+    inputs = make_inputs(**case, dtype=dtype, device=device)
+    scale = case["head_dim"] ** -0.5
+    with mk.use_backend(backend):
+        result = mk.varlen_attention(**inputs, causal=causal, return_stats=return_stats)
+    out, stats = result if return_stats else (result, None)
+    cpu = {name: (t.cpu() if t is not None else None) for name, t in inputs.items()}
+    args = (cpu["q"], cpu["k"], cpu["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"])
+    kw = dict(scale=scale, causal=causal, q_index=cpu["q_index"], kv_index=cpu["kv_index"])
+    exact = oracle_attention(*args, **kw)
+    plain = oracle_attention(*args, **kw, dtype=dtype)
+    assert out.dtype == dtype and out.shape == exact[0].shape
+    assert torch.isfinite(out).all()
+    for got, want, base in ((out, exact[0], plain[0]),) + (
+            ((stats.received, exact[1], plain[1]), (stats.cls, exact[2], plain[2])) if stats else ()):
+        err = (got.cpu().double() - want).abs().max().item() if want.numel() else 0.0
+        budget = 2 * ((base.double() - want).abs().max().item() if want.numel() else 0.0) + ROUNDING[dtype]
+        assert err <= budget, f"error {err:.3g} > budget {budget:.3g}"
+    if stats:
+        assert stats.received.dtype == torch.float32 and stats.received.shape == exact[1].shape
+
+
+@pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@settings(max_examples=12, deadline=None)
+@given(case=attention_cases())
+def test_matches_oracle(backend, device, dtype, case):
+    check_against_oracle(backend, device, dtype, case)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
+@pytest.mark.parametrize("causal", [False, True])
+def test_causal_cross_edges_without_stats(backend, device, causal):
+    # Lk < Lq (causal: the first Lq - Lk queries see nothing), Lk > Lq, empty q and empty k sequences.
+    case = dict(lengths_q=[7, 2, 0, 4, 1], lengths_k=[3, 9, 4, 0, 1], heads=2, head_dim=64, causal=causal,
+                index_q=False, index_kv=True, seed=7)
+    check_against_oracle(backend, device, torch.float32, case, return_stats=False)
+    check_against_oracle(backend, device, torch.float32, case, return_stats=True)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
+def test_repeated_kv_rows_and_empty_batch(backend, device):
+    inputs = make_inputs([4, 3], [5, 2], 2, 32, torch.float32, seed=3, device=device)
+    inputs["kv_index"] = torch.tensor([0, 0, 1, 1, 2, 6, 6], dtype=torch.int32, device=device)
+    with mk.use_backend(backend):
+        out, stats = mk.varlen_attention(**inputs, return_stats=True)
+    cpu = {n: t.cpu() for n, t in inputs.items() if t is not None}
+    want = oracle_attention(cpu["q"], cpu["k"], cpu["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"],
+                            scale=32 ** -0.5, causal=False, kv_index=cpu["kv_index"])
+    torch.testing.assert_close(out.cpu().double(), want[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.received.cpu().double(), want[1], atol=2e-5, rtol=1e-5)
+    empty = torch.zeros(1, dtype=torch.int32, device=device)
+    with mk.use_backend(backend):
+        out = mk.varlen_attention(inputs["q"][:0], inputs["k"][:0], inputs["v"][:0], empty)
+    assert out.shape == (0, 2, 32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_gradcheck_torch(causal, indexed):
+    inputs = make_inputs([3, 0, 4], [2, 3, 5], 2, 5, torch.float64, seed=11, index_q=indexed, index_kv=indexed)
+    q, k, v = (inputs.pop(n).requires_grad_() for n in ("q", "k", "v"))
+    with mk.use_backend("torch"):
+        torch.autograd.gradcheck(lambda q, k, v: mk.varlen_attention(q, k, v, **inputs, causal=causal), (q, k, v))
+
+
+@pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
+def test_gradients_match_oracle(backend, device):
+    inputs = make_inputs([6, 1, 9], [4, 5, 9], 2, 32, torch.float32, seed=5, index_kv=True, device=device)
+    leaves = {n: inputs.pop(n).requires_grad_() for n in ("q", "k", "v")}
+    with mk.use_backend(backend):
+        out, stats = mk.varlen_attention(**leaves, **inputs, causal=True, return_stats=True)
+    assert not stats.received.requires_grad
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    grads = torch.autograd.grad((out * weights).sum(), list(leaves.values()))
+    ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
+    cpu = {n: t.cpu() for n, t in inputs.items() if t is not None}
+    want = oracle_attention(ref["q"], ref["k"], ref["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"],
+                            scale=32 ** -0.5, causal=True, kv_index=cpu["kv_index"])[0]
+    want_grads = torch.autograd.grad((want * weights.cpu().double()).sum(), list(ref.values()))
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got.cpu().double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
+def test_opcheck(backend, device):
+    inputs = make_inputs([3, 0, 5], [2, 4, 5], 2, 32, torch.float32, seed=1, index_kv=True, device=device)
+    op = _dispatch.implementations("varlen_attention")[backend]
+    for causal, stats in ((False, True), (True, False)):
+        args = (inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], 5, 5,
+                0.2, causal, None, inputs["kv_index"], stats)
+        torch.library.opcheck(op, args)
+    torch.library.opcheck(op, (inputs["q"].requires_grad_(), inputs["k"].requires_grad_(), inputs["v"],
+                               inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], 5, 5, 0.2, False, None,
+                               inputs["kv_index"], False))
+    backward = _dispatch.implementations("varlen_attention_backward").get(backend)
+    if backward is not None:
+        grad_out = torch.randn_like(inputs["q"])
+        torch.library.opcheck(backward, (grad_out, inputs["q"].detach(), inputs["k"].detach(), inputs["v"],
+                                         inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], 5, 5, 0.2, True, None,
+                                         inputs["kv_index"]))
+
+
+class TinyAttention(torch.nn.Module):
+    def __init__(self, heads=2, head_dim=16):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = torch.nn.Linear(heads * head_dim, 3 * heads * head_dim)
+
+    def forward(self, x, cu_seqlens, max_seqlen: int):
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
+        out, stats = mk.varlen_attention(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                                         return_stats=True)
+        return out.flatten(1), stats.received.amax(1)
+
+
+def test_compiled_module_has_no_graph_breaks():
+    torch.manual_seed(0)
+    module = TinyAttention()
+    x = torch.randn(12, 32, requires_grad=True)
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    expected, got = module(x, cu, 7), compiled(x, cu, 7)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+    got[0].sum().backward()
