@@ -70,14 +70,13 @@ _library.define("varlen_attention", SCHEMA, {"torch": ref.varlen_attention, "tri
 
 # ------------------------------------------------------------------ public API
 
-def _check_index(index: Tensor | None, name: str, rows: int, buffer_rows: int, buffer: str) -> None:
+def _check_index(index: Tensor | None, name: str, buffer_rows: int, buffer: str) -> None:
     if index is None:
         return
     checks.check_tensor(index, name)
     checks.check_dtype(index, name, (torch.int32,))
-    if tuple(index.shape) != (rows,):
-        raise ValueError(f"{name}: expected shape ({rows},) (one row per logical token), got {tuple(index.shape)}")
-    if rows and not torch.compiler.is_compiling():
+    checks.check_ndim(index, name, 1, "1-D [T] (one physical row per logical token)")
+    if index.numel() and not torch.compiler.is_compiling():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= buffer_rows:
             raise ValueError(f"{name}: expected rows in [0, {buffer_rows}) ({buffer} has {buffer_rows} rows), "
@@ -127,8 +126,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                              f"{tuple(t.shape)}")
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"v: expected {k.shape[0]} rows (as k), got {v.shape[0]}")
-    rows_q = q_index.shape[0] if isinstance(q_index, Tensor) else q.shape[0]
-    rows_k = kv_index.shape[0] if isinstance(kv_index, Tensor) else k.shape[0]
+    _check_index(q_index, "q_index", q.shape[0], "q")
+    _check_index(kv_index, "kv_index", k.shape[0], "k")
+    rows_q = q.shape[0] if q_index is None else q_index.shape[0]
+    rows_k = k.shape[0] if kv_index is None else kv_index.shape[0]
     offsets_q = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", rows_q)
     if cu_seqlens_k is None:
         cu_seqlens_k, offsets_k = cu_seqlens_q, offsets_q
@@ -140,8 +141,6 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.shape[0] - 1} sequences (as cu_seqlens_q), "
                              f"got {cu_seqlens_k.shape[0] - 1}")
         offsets_k = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", rows_k)
-    _check_index(q_index, "q_index", rows_q, q.shape[0], "q")
-    _check_index(kv_index, "kv_index", rows_k, k.shape[0], "k")
     max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", offsets_q)
     max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", offsets_k)
     if scale is None:
