@@ -1,0 +1,21 @@
+// Op registration of madtp_kernels._C. The schemas are declared here once; the Python side registers the
+// fake (meta) impls and autograd, and its torch/Triton twins use the same schema strings.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY_FRAGMENT(madtp_kernels, m) {
+  m.def("pack_cuda(Tensor x, Tensor mask) -> (Tensor, Tensor)");
+  m.def("unpack_cuda(Tensor packed, Tensor cu_seqlens, int max_len, float pad_value) -> Tensor");
+  m.def("prune_tokens_cuda(Tensor x, Tensor cu_seqlens, Tensor scores, Tensor threshold, int keep_first, "
+        "bool merge) -> (Tensor, Tensor, Tensor)");
+  m.def("cusparselt_version() -> int");
+  // No tensor arguments, so the dispatcher has no key to pick: CompositeExplicitAutograd serves every call.
+  m.impl("cusparselt_version", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(madtp::cusparselt_version));
+}
+
+TORCH_LIBRARY_IMPL(madtp_kernels, CUDA, m) {
+  m.impl("pack_cuda", TORCH_FN(madtp::pack_cuda));
+  m.impl("unpack_cuda", TORCH_FN(madtp::unpack_cuda));
+  m.impl("prune_tokens_cuda", TORCH_FN(madtp::prune_tokens_cuda));
+}
