@@ -12,8 +12,8 @@ import contextvars
 import functools
 import importlib.util
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 

@@ -6,7 +6,7 @@ same fake implementation (so torch.compile traces them) and the same autograd fo
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -53,7 +53,8 @@ def _fake_backward(grad_out, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_library.define("varlen_attention_backward", BACKWARD_SCHEMA, {"torch": ref.varlen_attention_backward}, fake=_fake_backward)
+_library.define("varlen_attention_backward", BACKWARD_SCHEMA, {"torch": ref.varlen_attention_backward},
+                fake=_fake_backward)
 
 
 def _backward(ctx, grad_out, _grad_received, _grad_cls):

@@ -8,8 +8,9 @@ compiler (`python -m madtp_kernels.tools.aot`) discovers and compiles them for e
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)

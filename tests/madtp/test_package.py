@@ -2,9 +2,9 @@
 import ast
 import pathlib
 
+import madtp
 import pytest
 
-import madtp
 import madtp_kernels
 
 

@@ -114,7 +114,7 @@ def test_gradients_match_oracle(backend, device):
     want = oracle_attention(ref["q"], ref["k"], ref["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"],
                             scale=32 ** -0.5, causal=True, kv_index=cpu["kv_index"])[0]
     want_grads = torch.autograd.grad((want * weights.cpu().double()).sum(), list(ref.values()))
-    for got, expected in zip(grads, want_grads):
+    for got, expected in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got.cpu().double(), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -158,6 +158,6 @@ def test_compiled_module_has_no_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     expected, got = module(x, cu, 7), compiled(x, cu, 7)
-    for e, g in zip(expected, got):
+    for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e)
     got[0].sum().backward()

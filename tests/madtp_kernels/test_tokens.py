@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_params import backend_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import madtp_kernels as mk
 from madtp_kernels import _dispatch
 from madtp_kernels.reference import tokens as ref
-
-from backend_params import backend_params
 
 # Kept rows are copies and must match bit for bit; a merged row is a float32 mean rounded to the dtype, so it
 # may differ from the float64 oracle by the dtype's rounding (plus float32 summation error).
@@ -166,7 +165,7 @@ def test_prune_tokens_gradients_match_torch_backend(backend, device):
             y = mk.prune_tokens(xi, cu.to(dev), si, threshold.to(dev, dtype)).x
         (y * torch.arange(y.numel(), device=dev, dtype=dtype).reshape(y.shape)).sum().backward()
         grads[name if dev == "cpu" and dtype == torch.float64 else "test"] = (xi.grad.cpu(), si.grad.cpu())
-    for expected, got in zip(grads["torch"], grads["test"]):
+    for expected, got in zip(grads["torch"], grads["test"], strict=True):
         torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
 
 
