@@ -141,7 +141,8 @@ def format_table(results: list[Result]) -> str:
         fields = (r.registers, r.shared_bytes, r.stack_bytes, r.spill_ops, mma) if r.error is None else ("-",) * 5
         rows.append((r.kernel, r.spec, f"sm_{r.arch}", r.num_warps, *fields, status))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header) - 1)]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + str(row[-1]) for row in rows]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row[:-1], widths, strict=True)) + "  " + str(row[-1])
+             for row in rows]
     return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
 
 
