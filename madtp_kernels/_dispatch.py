@@ -12,8 +12,8 @@ import contextvars
 import functools
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,14 @@ def _triton_importable() -> bool:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one op of a backend takes, where it is narrower than the backend as a whole."""
+    dtypes: frozenset[torch.dtype] | None = None   # None: the backend's dtypes
+    head_dims: frozenset[int] | None = None        # attention head dims it compiles (None: any)
+    max_head_dim: int | None = None
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
     devices: frozenset[str]
@@ -48,8 +56,7 @@ class Backend:
     min_capability: tuple[int, int] | None
     is_available: Callable[[], bool]
     description: str
-    head_dims: frozenset[int] | None = None   # attention head dims it compiles (None: any up to max_head_dim)
-    max_head_dim: int | None = None
+    limits: Mapping[str, Limits] = field(default_factory=dict)   # op name -> narrower limits
 
     def supports_device(self, device: torch.device) -> bool:
         if device.type not in self.devices:
@@ -67,9 +74,11 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("cuda", frozenset({"cuda"}), _FLOAT_DTYPES, (8, 0), _cuda_extension_built,
-                "compiled C++/CUDA kernels (madtp_kernels._C), sm_80 and sm_90a"),
+                "compiled C++/CUDA kernels (madtp_kernels._C), sm_80 and sm_90a",
+                {"varlen_attention": Limits(frozenset({torch.float16, torch.bfloat16}), frozenset({32, 64, 128}))}),
         Backend("triton", _triton_devices(), _FLOAT_DTYPES, (8, 0), _triton_importable,
-                "Triton kernels; on CPU only under TRITON_INTERPRET=1", max_head_dim=256),
+                "Triton kernels; on CPU only under TRITON_INTERPRET=1",
+                {op: Limits(max_head_dim=128) for op in ("varlen_attention", "varlen_attention_backward")}),
         Backend("torch", frozenset({"cpu", "cuda"}), _FLOAT_DTYPES | {torch.float64}, None, lambda: True,
                 "pure PyTorch (madtp_kernels.reference): the CPU path and the test oracle"),
     )
@@ -129,27 +138,32 @@ def _why_not(backend: Backend, op: str, device: torch.device, dtypes: tuple[torc
                                     if backend.name == "triton" and device.type == "cpu" else ""))
     if not backend.supports_device(device):
         return f"backend {backend.name!r} needs compute capability >= {backend.min_capability} on {device}"
+    limits = backend.limits.get(op, Limits())
+    allowed = limits.dtypes if limits.dtypes is not None else backend.dtypes
     for dtype in dtypes:
-        if dtype not in backend.dtypes:
-            return f"backend {backend.name!r} supports dtypes {sorted(map(str, backend.dtypes))}, got {dtype}"
+        if dtype not in allowed:
+            return f"backend {backend.name!r} runs {op} on dtypes {sorted(map(str, allowed))}, got {dtype}"
     if head_dim is not None:
-        if backend.head_dims is not None and head_dim not in backend.head_dims:
-            return f"backend {backend.name!r} supports head dims {sorted(backend.head_dims)}, got {head_dim}"
-        if backend.max_head_dim is not None and head_dim > backend.max_head_dim:
-            return f"backend {backend.name!r} supports head dims up to {backend.max_head_dim}, got {head_dim}"
+        if limits.head_dims is not None and head_dim not in limits.head_dims:
+            return f"backend {backend.name!r} runs {op} on head dims {sorted(limits.head_dims)}, got {head_dim}"
+        if limits.max_head_dim is not None and head_dim > limits.max_head_dim:
+            return f"backend {backend.name!r} runs {op} on head dims up to {limits.max_head_dim}, got {head_dim}"
     return None
 
 
-def select(op: str, device: torch.device, *dtypes: torch.dtype, head_dim: int | None = None) -> Callable:
+def select(op: str, device: torch.device, *dtypes: torch.dtype, head_dim: int | None = None,
+           strict: bool = True) -> Callable:
     """The implementation of `op` for inputs on `device` whose floating-point tensors have `dtypes`
-    (and, for attention, whose head dim is `head_dim`)."""
+    (and, for attention, whose head dim is `head_dim`). strict=False lets a forced backend that cannot run
+    the op fall back to the automatic choice (a backward op the forced backend lacks)."""
     forced = forced_backend()
     if forced is not None:
         reason = _why_not(BACKENDS[forced], op, device, dtypes, head_dim)
-        if reason is not None:
+        if reason is None:
+            return _REGISTRY[op][forced]
+        if strict:
             able = [n for n in BACKENDS if _why_not(BACKENDS[n], op, device, dtypes, head_dim) is None]
             raise TypeError(f"{op}: {reason}; backends that can run these inputs: {able}")
-        return _REGISTRY[op][forced]
     reasons = []
     for name in AUTO_ORDER.get(device.type, ()):
         reason = _why_not(BACKENDS[name], op, device, dtypes, head_dim)

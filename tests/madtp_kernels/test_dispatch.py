@@ -51,3 +51,22 @@ def test_environment_variable_forces_a_backend(monkeypatch):
 def test_triton_on_cpu_only_under_the_interpreter():
     expected = {"cuda", "cpu"} if _dispatch.triton_interpret() else {"cuda"}
     assert _dispatch.BACKENDS["triton"].devices == expected
+
+
+def test_non_strict_selection_falls_back_when_the_forced_backend_lacks_the_op():
+    cpu = torch.device("cpu")
+    with mk.use_backend("cuda"):
+        with pytest.raises(TypeError, match="backend 'cuda'"):
+            _dispatch.select("varlen_attention_backward", cpu, torch.float32)
+        chosen = _dispatch.select("varlen_attention_backward", cpu, torch.float32, strict=False)
+    assert chosen is _dispatch.implementations("varlen_attention_backward")["torch"]
+
+
+def test_per_op_limits_narrow_a_backend():
+    cuda = _dispatch.BACKENDS["cuda"]
+    limits = cuda.limits["varlen_attention"]
+    assert torch.float32 not in limits.dtypes and limits.head_dims == {32, 64, 128}
+    assert "prune_tokens" not in cuda.limits  # the token ops take every float dtype of the backend
+    reason = _dispatch._why_not(_dispatch.BACKENDS["triton"], "varlen_attention", torch.device("cuda"),
+                                (torch.float16,), head_dim=256)
+    assert reason is not None and "up to 128" in reason
