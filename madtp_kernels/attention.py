@@ -17,8 +17,9 @@ from .reference import attention as ref
 
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
           "int max_seqlen_k, float scale, bool causal, Tensor? q_index, Tensor? kv_index, bool return_stats)"
-          " -> (Tensor, Tensor, Tensor)")
-BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+          " -> (Tensor, Tensor, Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+                   "Tensor cu_seqlens_k, "
                    "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? q_index, "
                    "Tensor? kv_index) -> (Tensor, Tensor, Tensor)")
 
@@ -28,43 +29,50 @@ class AttentionStats(NamedTuple):
     cls: Tensor       # [Tk, H] fp32: the probability the sequence's first query gives to key j
 
 
-def _triton_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, return_stats):
+def _triton():
     from .triton import attention  # first use: Triton reads TRITON_INTERPRET when kernels are decorated
 
-    return attention.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index,
-                                      return_stats)
+    return attention
+
+
+def _triton_forward(*args):
+    return _triton().varlen_attention(*args)
+
+
+def _triton_backward(*args):
+    return _triton().varlen_attention_backward(*args)
 
 
 def _fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, return_stats):
     rows_q = q_index.shape[0] if q_index is not None else q.shape[0]
     rows_k = (kv_index.shape[0] if kv_index is not None else k.shape[0]) if return_stats else 0
     stats = q.new_empty((rows_k, q.shape[1]), dtype=ref.stats_dtype(q.dtype))
-    return q.new_empty((rows_q, *q.shape[1:])), stats, torch.empty_like(stats)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, _ = inputs
-    ctx.save_for_backward(q, k, v, cu_q, cu_k, q_index, kv_index)
-    ctx.args = (max_q, max_k, scale, causal)
-    ctx.mark_non_differentiable(output[1], output[2])  # statistics steer pruning; they carry no gradient
+    lse = q.new_empty((rows_q, q.shape[1]), dtype=ref.stats_dtype(q.dtype))
+    return q.new_empty((rows_q, *q.shape[1:])), stats, torch.empty_like(stats), lse
 
 
 def _fake_backward(grad_out, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_library.define("varlen_attention_backward", BACKWARD_SCHEMA, {"torch": ref.varlen_attention_backward},
-                fake=_fake_backward)
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, _ = inputs
+    out, received, cls, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_index, kv_index)
+    ctx.args = (max_q, max_k, scale, causal)
+    ctx.mark_non_differentiable(received, cls, lse)  # statistics steer pruning; they carry no gradient
 
 
-def _backward(ctx, grad_out, _grad_received, _grad_cls):
+def _backward(ctx, grad_out, _grad_received, _grad_cls, _grad_lse):
     # The backward is an op of its own, so torch.compile sees one opaque node, not a per-sequence loop.
-    q, k, v, cu_q, cu_k, q_index, kv_index = ctx.saved_tensors
-    impl = _dispatch.select("varlen_attention_backward", q.device, q.dtype, head_dim=q.shape[2])
-    grads = impl(grad_out.contiguous(), q, k, v, cu_q, cu_k, *ctx.args, q_index, kv_index)
+    q, k, v, out, lse, cu_q, cu_k, q_index, kv_index = ctx.saved_tensors
+    impl = _dispatch.select("varlen_attention_backward", q.device, q.dtype, head_dim=q.shape[2], strict=False)
+    grads = impl(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args, q_index, kv_index)
     return (*grads, None, None, None, None, None, None, None, None, None)
 
 
+_library.define("varlen_attention_backward", BACKWARD_SCHEMA,
+                {"torch": ref.varlen_attention_backward, "triton": _triton_backward}, fake=_fake_backward)
 _library.define("varlen_attention", SCHEMA, {"torch": ref.varlen_attention, "triton": _triton_forward},
                 fake=_fake, backward=_backward, setup_context=_setup_context)
 
@@ -152,7 +160,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
     impl = _dispatch.select("varlen_attention", q.device, q.dtype, head_dim=q.shape[2])
-    out, received, cls = impl(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(),
+    out, received, cls, _lse = impl(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(),
                               cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, float(scale), causal,
                               None if q_index is None else q_index.contiguous(),
                               None if kv_index is None else kv_index.contiguous(), return_stats)

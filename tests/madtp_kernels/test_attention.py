@@ -104,11 +104,11 @@ def test_gradcheck_torch(causal, indexed):
 def test_gradients_match_oracle(backend, device):
     inputs = make_inputs([6, 1, 9], [4, 5, 9], 2, 32, torch.float32, seed=5, index_kv=True, device=device)
     leaves = {n: inputs.pop(n).requires_grad_() for n in ("q", "k", "v")}
-    with mk.use_backend(backend):
+    weights = torch.randn(sum([6, 1, 9]), 2, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    with mk.use_backend(backend):  # the backward op is chosen like the forward: here, the same backend
         out, stats = mk.varlen_attention(**leaves, **inputs, causal=True, return_stats=True)
+        grads = torch.autograd.grad((out * weights).sum(), list(leaves.values()))
     assert not stats.received.requires_grad
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    grads = torch.autograd.grad((out * weights).sum(), list(leaves.values()))
     ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
     cpu = {n: t.cpu() for n, t in inputs.items() if t is not None}
     want = oracle_attention(ref["q"], ref["k"], ref["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"],
@@ -129,12 +129,11 @@ def test_opcheck(backend, device):
     torch.library.opcheck(op, (inputs["q"].requires_grad_(), inputs["k"].requires_grad_(), inputs["v"],
                                inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], 5, 5, 0.2, False, None,
                                inputs["kv_index"], False))
-    backward = _dispatch.implementations("varlen_attention_backward").get(backend)
-    if backward is not None:
-        grad_out = torch.randn_like(inputs["q"])
-        torch.library.opcheck(backward, (grad_out, inputs["q"].detach(), inputs["k"].detach(), inputs["v"],
-                                         inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], 5, 5, 0.2, True, None,
-                                         inputs["kv_index"]))
+    backward = _dispatch.implementations("varlen_attention_backward")[backend]
+    fwd_args = (inputs["q"].detach(), inputs["k"].detach(), inputs["v"], inputs["cu_seqlens_q"],
+                inputs["cu_seqlens_k"], 5, 5, 0.2, True, None, inputs["kv_index"])
+    out, _, _, lse = op(*fwd_args, False)
+    torch.library.opcheck(backward, (torch.randn_like(out), *fwd_args[:3], out, lse, *fwd_args[3:]))
 
 
 class TinyAttention(torch.nn.Module):
