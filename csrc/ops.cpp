@@ -9,6 +9,9 @@ TORCH_LIBRARY_FRAGMENT(madtp_kernels, m) {
   m.def("unpack_cuda(Tensor packed, Tensor cu_seqlens, int max_len, float pad_value) -> Tensor");
   m.def("prune_tokens_cuda(Tensor x, Tensor cu_seqlens, Tensor scores, Tensor threshold, int keep_first, "
         "bool merge) -> (Tensor, Tensor, Tensor)");
+  m.def("varlen_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? q_index, Tensor? kv_index, "
+        "bool return_stats) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("cusparselt_version() -> int");
   // No tensor arguments, so the dispatcher has no key to pick: CompositeExplicitAutograd serves every call.
   m.impl("cusparselt_version", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(madtp::cusparselt_version));
@@ -18,4 +21,5 @@ TORCH_LIBRARY_IMPL(madtp_kernels, CUDA, m) {
   m.impl("pack_cuda", TORCH_FN(madtp::pack_cuda));
   m.impl("unpack_cuda", TORCH_FN(madtp::unpack_cuda));
   m.impl("prune_tokens_cuda", TORCH_FN(madtp::prune_tokens_cuda));
+  m.impl("varlen_attention_cuda", TORCH_FN(madtp::varlen_attention_cuda));
 }

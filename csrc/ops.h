@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 namespace madtp {
@@ -15,6 +16,13 @@ at::Tensor unpack_cuda(const at::Tensor& packed, const at::Tensor& cu_seqlens, i
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens,
                                                                  const at::Tensor& scores, const at::Tensor& threshold,
                                                                  int64_t keep_first, bool merge);
+
+// Returns (out [Tq, H, D], received [Tk, H], cls [Tk, H], lse [Tq, H]); the statistics are [0, H] unless
+// return_stats; lse (natural log, +inf for a query without keys) is always returned, for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
+    const std::optional<at::Tensor>& q_index, const std::optional<at::Tensor>& kv_index, bool return_stats);
 
 // Version of the cuSPARSELt library actually loaded, encoded like CUSPARSELT_VERSION (major*1000 + minor*100 + patch).
 int64_t cusparselt_version();
