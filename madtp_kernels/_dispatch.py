@@ -138,6 +138,10 @@ def _why_not(backend: Backend, op: str, device: torch.device, dtypes: tuple[torc
                                     if backend.name == "triton" and device.type == "cpu" else ""))
     if not backend.supports_device(device):
         return f"backend {backend.name!r} needs compute capability >= {backend.min_capability} on {device}"
+    return _beyond_limits(backend, op, dtypes, head_dim)
+
+
+def _beyond_limits(backend: Backend, op: str, dtypes: tuple[torch.dtype, ...], head_dim: int | None) -> str | None:
     limits = backend.limits.get(op, Limits())
     allowed = limits.dtypes if limits.dtypes is not None else backend.dtypes
     for dtype in dtypes:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import madtp_kernels as mk
-from madtp_kernels import _dispatch, tokens
+from madtp_kernels import _dispatch, attention, tokens
 
 needs_extension = pytest.mark.skipif(not _dispatch.BACKENDS["cuda"].is_available(),
                                      reason="madtp_kernels._C not built")
@@ -14,12 +14,15 @@ def _signature(op_packet) -> str:
     return schema[schema.index("("):]
 
 
+SCHEMAS = {**tokens.SCHEMAS, "varlen_attention": attention.SCHEMA}
+
+
 @needs_extension
-@pytest.mark.parametrize("op", sorted(tokens.SCHEMAS))
+@pytest.mark.parametrize("op", sorted(SCHEMAS))
 def test_cpp_schema_matches_python(op):
     cuda_op = getattr(torch.ops.madtp_kernels, f"{op}_cuda")
     assert _signature(cuda_op) == _signature(getattr(torch.ops.madtp_kernels, f"{op}_torch"))
-    assert _signature(cuda_op) == tokens.SCHEMAS[op]
+    assert _signature(cuda_op) == SCHEMAS[op]
 
 
 @needs_extension

@@ -67,6 +67,5 @@ def test_per_op_limits_narrow_a_backend():
     limits = cuda.limits["varlen_attention"]
     assert torch.float32 not in limits.dtypes and limits.head_dims == {32, 64, 128}
     assert "prune_tokens" not in cuda.limits  # the token ops take every float dtype of the backend
-    reason = _dispatch._why_not(_dispatch.BACKENDS["triton"], "varlen_attention", torch.device("cuda"),
-                                (torch.float16,), head_dim=256)
+    reason = _dispatch._beyond_limits(_dispatch.BACKENDS["triton"], "varlen_attention", (torch.float16,), 256)
     assert reason is not None and "up to 128" in reason
