@@ -1,6 +1,7 @@
 """madtp-kernels: ragged attention, token compaction and 2:4 sparse GEMMs for pruned vision-language models."""
 from ._dispatch import available_backends, use_backend
 from .attention import AttentionStats, varlen_attention
+from .sparse import SparseLinear, SparseWeight, compress_2to4, prune_2to4, sparse_linear
 from .tokens import PrunedTokens, pack, prune_tokens, unpack
 
 __version__ = "0.1.0"
@@ -8,9 +9,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionStats",
     "PrunedTokens",
+    "SparseLinear",
+    "SparseWeight",
     "available_backends",
+    "compress_2to4",
     "pack",
+    "prune_2to4",
     "prune_tokens",
+    "sparse_linear",
     "unpack",
     "use_backend",
     "varlen_attention",

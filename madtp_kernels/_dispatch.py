@@ -46,6 +46,8 @@ class Limits:
     dtypes: frozenset[torch.dtype] | None = None   # None: the backend's dtypes
     head_dims: frozenset[int] | None = None        # attention head dims it compiles (None: any)
     max_head_dim: int | None = None
+    # Automatic choice only: below this many rows (tokens) another backend is faster (a forced choice still runs).
+    auto_min_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,10 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("cuda", frozenset({"cuda"}), _FLOAT_DTYPES, (8, 0), _cuda_extension_built,
                 "compiled C++/CUDA kernels (madtp_kernels._C), sm_80 and sm_90a",
-                {"varlen_attention": Limits(frozenset({torch.float16, torch.bfloat16}), frozenset({32, 64, 128}))}),
+                {"varlen_attention": Limits(frozenset({torch.float16, torch.bfloat16}), frozenset({32, 64, 128})),
+                 # cuSPARSELt is compute-bound tuned: at few tokens the Triton kernel, which reads ~56% of the
+                 # dense weight bytes, wins (pytorch#111339: cuSPARSELt 0.11x of dense at one row).
+                 "sparse_linear": Limits(frozenset({torch.float16, torch.bfloat16}), auto_min_rows=128)}),
         Backend("triton", _triton_devices(), _FLOAT_DTYPES, (8, 0), _triton_importable,
                 "Triton kernels; on CPU only under TRITON_INTERPRET=1",
                 {op: Limits(max_head_dim=128) for op in ("varlen_attention", "varlen_attention_backward")}),
@@ -156,10 +161,10 @@ def _beyond_limits(backend: Backend, op: str, dtypes: tuple[torch.dtype, ...], h
 
 
 def select(op: str, device: torch.device, *dtypes: torch.dtype, head_dim: int | None = None,
-           strict: bool = True) -> Callable:
-    """The implementation of `op` for inputs on `device` whose floating-point tensors have `dtypes`
-    (and, for attention, whose head dim is `head_dim`). strict=False lets a forced backend that cannot run
-    the op fall back to the automatic choice (a backward op the forced backend lacks)."""
+           rows: int | None = None, strict: bool = True) -> Callable:
+    """The implementation of `op` for inputs on `device` whose floating-point tensors have `dtypes` (for
+    attention, whose head dim is `head_dim`; for GEMMs, with `rows` tokens). strict=False lets a forced backend
+    that cannot run the op fall back to the automatic choice (a backward op the forced backend lacks)."""
     forced = forced_backend()
     if forced is not None:
         reason = _why_not(BACKENDS[forced], op, device, dtypes, head_dim)
@@ -171,6 +176,9 @@ def select(op: str, device: torch.device, *dtypes: torch.dtype, head_dim: int | 
     reasons = []
     for name in AUTO_ORDER.get(device.type, ()):
         reason = _why_not(BACKENDS[name], op, device, dtypes, head_dim)
+        floor = BACKENDS[name].limits.get(op, Limits()).auto_min_rows
+        if reason is None and rows is not None and floor is not None and rows < floor:
+            reason = f"backend {BACKENDS[name].name!r} is slower than the next below {floor} rows for {op}"
         if reason is None:
             return _REGISTRY[op][name]
         reasons.append(reason)

@@ -1,0 +1,230 @@
+"""2:4 structured sparse Linear: pruning, the compressed weight, sparse_linear and SparseLinear.
+
+Compressed format (one for every backend, and what a SparseLinear state dict holds). A weight W [N, K]
+(out_features N, in_features K, K % 8 == 0) is 2:4 along K when every group of 4 consecutive input features of
+a row has at most 2 non-zeros. It is stored as
+  values [N, K/2]  (W's dtype): the two kept entries of group g of row n at values[n, 2g], values[n, 2g + 1],
+                   in increasing column order (a kept entry may itself be 0);
+  meta   [N, K/8]  uint8: byte j of row n describes groups 2j (low nibble) and 2j + 1 (high nibble); in each
+                   nibble bits 0-1 are the position (0..3) in the group of the first kept entry, bits 2-3 of
+                   the second.
+fp16 values + meta are 0.5625x the dense fp16 bytes. On CUDA the cuda backend also keeps cuSPARSELt's own
+compressed copy of the weight, made once per weight and device and reused by every call.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from . import _dispatch, _library
+from . import _validation as checks
+from .reference import sparse as ref
+
+SCHEMA = "(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor"
+GROUP = 8  # in_features must be a multiple of this: two groups of 4 share a metadata byte
+
+
+class SparseWeight:
+    """A 2:4 weight in the compressed format above; `.to_dense()` restores W."""
+
+    def __init__(self, values: Tensor, meta: Tensor):
+        checks.check_tensor(values, "values")
+        checks.check_tensor(meta, "meta")
+        checks.check_ndim(values, "values", 2, "2-D [out_features, in_features / 2]")
+        checks.check_dtype(meta, "meta", (torch.uint8,))
+        checks.check_floating(values, "values")
+        if tuple(meta.shape) != (values.shape[0], values.shape[1] // 4) or values.shape[1] % 4:
+            raise ValueError(f"meta: expected shape {(values.shape[0], values.shape[1] // 4)} for values of shape "
+                             f"{tuple(values.shape)} (in_features a multiple of {GROUP}), got {tuple(meta.shape)}")
+        checks.check_same_device(values, "values", meta=meta)
+        self.values, self.meta = values, meta
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape[0], self.values.shape[1] * 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.meta.nbytes
+
+    def to_dense(self) -> Tensor:
+        return ref.decompress(self.values, self.meta)
+
+    def to(self, *args, **kwargs) -> SparseWeight:
+        values = self.values.to(*args, **kwargs)
+        return SparseWeight(values, self.meta.to(device=values.device))
+
+    def __repr__(self) -> str:
+        return f"SparseWeight(shape={self.shape}, dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})"
+
+
+def prune_2to4(weight: Tensor) -> Tensor:
+    """bool mask of W's shape: in each group of 4 consecutive input features, the 2 largest |w|."""
+    _check_weight(weight)
+    return ref.prune_2to4(weight)
+
+
+def _check_weight(weight: Tensor, name: str = "weight") -> None:
+    checks.check_tensor(weight, name)
+    checks.check_ndim(weight, name, 2, "2-D [out_features, in_features]")
+    checks.check_floating(weight, name)
+    if weight.shape[1] % GROUP:
+        raise ValueError(f"{name}: expected in_features (dim 1) a multiple of {GROUP} for the 2:4 format, "
+                         f"got {weight.shape[1]}")
+
+
+def compress_2to4(weight: Tensor) -> SparseWeight:
+    """Compress a weight that is already 2:4 along its input dim (raises on one that is not)."""
+    _check_weight(weight)
+    weight = weight.detach()
+    count = ref.nonzeros_per_group(weight)
+    if not torch.compiler.is_compiling() and bool((count > 2).any()):
+        row, group = (int(i) for i in (count > 2).nonzero()[0])
+        raise ValueError(f"weight: expected at most 2 non-zeros in every group of 4 input features (2:4), got "
+                         f"{int(count[row, group])} in row {row}, columns {4 * group}..{4 * group + 3}; "
+                         "prune it first (weight * prune_2to4(weight))")
+    return SparseWeight(*ref.compress(weight.contiguous()))
+
+
+# ------------------------------------------------------------------ backends
+
+def _triton_forward(x, values, meta, bias):
+    from .triton import sparse  # first use: Triton reads TRITON_INTERPRET when kernels are decorated
+
+    return sparse.sparse_linear(x, values, meta, bias)
+
+
+# cuSPARSELt's compressed copy of each weight, per values tensor; rebuilt when the values change in place.
+_CUSPARSELT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cusparselt_weight(values: Tensor, meta: Tensor) -> Tensor:
+    cached = _CUSPARSELT.get(values)
+    if cached is None or cached[0] != values._version:
+        compressed = torch.ops.madtp_kernels.cusparselt_compress(ref.decompress(values, meta).contiguous())
+        cached = (values._version, compressed)
+        _CUSPARSELT[values] = cached
+    return cached[1]
+
+
+def _cuda_forward(x, values, meta, bias):
+    return torch.ops.madtp_kernels.cusparselt_linear(x, _cusparselt_weight(values, meta), values.shape[0],
+                                                     values.shape[1] * 2, bias)
+
+
+def _fake(x, values, meta, bias):
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, meta, bias = inputs
+    ctx.needs = (x.requires_grad, values.requires_grad, bias is not None and bias.requires_grad)
+    ctx.save_for_backward(x, values, meta)
+
+
+def _backward(ctx, grad_y):
+    x, values, meta = ctx.saved_tensors
+    grad_x, grad_values, grad_bias = ref.sparse_linear_backward(grad_y, x, values, meta, ctx.needs)
+    return grad_x, grad_values, None, grad_bias
+
+
+_impls = {"torch": ref.sparse_linear, "triton": _triton_forward}
+if _dispatch.BACKENDS["cuda"].is_available() and hasattr(torch.ops.madtp_kernels, "cusparselt_linear"):
+    _impls["cuda"] = _cuda_forward
+_library.define("sparse_linear", SCHEMA, _impls, fake=_fake, backward=_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ public API
+
+def sparse_linear(x: Tensor, weight: SparseWeight, bias: Tensor | None = None) -> Tensor:
+    """x [..., in_features] -> x W^T + bias [..., out_features], W a 2:4 SparseWeight. Gradients flow to x
+    (and to bias, and to weight.values if they require grad)."""
+    checks.check_tensor(x, "x")
+    if not isinstance(weight, SparseWeight):
+        raise TypeError(f"weight: expected a SparseWeight (compress_2to4(w) or SparseLinear.from_dense), got "
+                        f"{type(weight).__name__}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x: expected [..., {in_features}] (in_features of weight), got {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x: expected dtype {weight.dtype} (the dtype of weight), got {x.dtype}")
+    if bias is not None:
+        checks.check_tensor(bias, "bias")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias: expected shape ({out_features},) (out_features), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias: expected dtype {x.dtype} (the dtype of x), got {bias.dtype}")
+    checks.check_same_device(x, "x", weight=weight.values, bias=bias)
+    rows = math.prod(x.shape[:-1])
+    impl = _dispatch.select("sparse_linear", x.device, x.dtype, rows=rows)
+    y = impl(x.reshape(rows, in_features).contiguous(), weight.values, weight.meta, bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+class SparseLinear(nn.Module):
+    """nn.Linear with a 2:4 weight kept compressed. Its state dict holds plain tensors (values, meta, bias) that
+    round-trip through safetensors and load on any machine."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None):
+        super().__init__()
+        checks.check_int(in_features, "in_features", minimum=GROUP)
+        if in_features % GROUP:
+            raise ValueError(f"in_features: expected a multiple of {GROUP} for the 2:4 format, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, **factory))
+        self.register_buffer("meta", torch.zeros(out_features, in_features // GROUP, dtype=torch.uint8,
+                                                 device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: Tensor | None = None) -> SparseLinear:
+        """The 2:4 version of `linear`: its weight times `mask` (default: prune_2to4 by magnitude)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        _check_weight(weight, "linear.weight")
+        if mask is None:
+            mask = ref.prune_2to4(weight)
+        elif not isinstance(mask, Tensor) or mask.shape != weight.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask: expected a bool tensor of shape {tuple(weight.shape)}, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        sparse = compress_2to4(weight * mask.to(weight.device))
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device=weight.device,
+                     dtype=weight.dtype)
+        module.values.copy_(sparse.values)
+        module.meta.copy_(sparse.meta)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    @property
+    def weight(self) -> SparseWeight:
+        return SparseWeight(self.values, self.meta)
+
+    def to_dense(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.values.device,
+                           dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, 2:4"
+
