@@ -3,6 +3,7 @@
 Importing this package imports no kernel module: the `@triton.jit` decorator reads TRITON_INTERPRET when it
 runs, so callers choose interpreted or compiled kernels by setting the flag before importing a module here.
 
+Launched kernels are named `*_kernel`; other `@triton.jit` functions are device functions they inline.
 Each kernel module exports `AOT_SPECS`, the specialisations its launchers actually use; the ahead-of-time
 compiler (`python -m madtp_kernels.tools.aot`) discovers and compiles them for every target architecture.
 """

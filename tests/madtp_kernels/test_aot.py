@@ -31,13 +31,14 @@ def _run_tool(*args: str, extra_path: str | None = None) -> subprocess.Completed
 
 
 def _jit_kernels_by_module() -> dict[str, set[str]]:
-    """Every @triton.jit function defined in each madtp_kernels.triton module (compiled or interpreted)."""
+    """Every launched kernel (a @triton.jit function named *_kernel; the others are device functions that kernels
+    inline) defined in each madtp_kernels.triton module, compiled or interpreted."""
     kernels = {}
     for info in pkgutil.iter_modules(madtp_kernels.triton.__path__):
         module = importlib.import_module(f"madtp_kernels.triton.{info.name}")
         kernels[module.__name__] = {
             name for name, obj in vars(module).items()
-            if hasattr(obj, "arg_names") and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
+            if name.endswith("_kernel") and hasattr(obj, "arg_names") and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
     return kernels
 
 
