@@ -15,6 +15,12 @@ TORCH_LIBRARY_FRAGMENT(madtp_kernels, m) {
   m.def("cusparselt_version() -> int");
   // No tensor arguments, so the dispatcher has no key to pick: CompositeExplicitAutograd serves every call.
   m.impl("cusparselt_version", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(madtp::cusparselt_version));
+  m.def("cusparselt_compress(Tensor weight) -> Tensor");
+  m.def("cusparselt_linear(Tensor x, Tensor compressed, int out_features, int in_features, Tensor? bias) -> Tensor");
+  m.def("cusparselt_plan_cache_size() -> int");
+  // Host-only bookkeeping, no tensor to dispatch on: answers without a GPU.
+  m.impl("cusparselt_plan_cache_size", c10::DispatchKey::CompositeExplicitAutograd,
+         TORCH_FN(madtp::cusparselt_plan_cache_size));
 }
 
 TORCH_LIBRARY_IMPL(madtp_kernels, CUDA, m) {
@@ -22,4 +28,6 @@ TORCH_LIBRARY_IMPL(madtp_kernels, CUDA, m) {
   m.impl("unpack_cuda", TORCH_FN(madtp::unpack_cuda));
   m.impl("prune_tokens_cuda", TORCH_FN(madtp::prune_tokens_cuda));
   m.impl("varlen_attention_cuda", TORCH_FN(madtp::varlen_attention_cuda));
+  m.impl("cusparselt_compress", TORCH_FN(madtp::cusparselt_compress_cuda));
+  m.impl("cusparselt_linear", TORCH_FN(madtp::cusparselt_linear_cuda));
 }

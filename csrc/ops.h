@@ -27,4 +27,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda
 // Version of the cuSPARSELt library actually loaded, encoded like CUSPARSELT_VERSION (major*1000 + minor*100 + patch).
 int64_t cusparselt_version();
 
+// W [N, K] (fp16/bf16, 2:4 along K) compressed by cuSPARSELt into a uint8 buffer valid for any token count.
+at::Tensor cusparselt_compress_cuda(const at::Tensor& weight);
+
+// y [M, N] = x [M, K] W^T + bias (x's dtype), W given as cusparselt_compress_cuda's buffer.
+at::Tensor cusparselt_linear_cuda(const at::Tensor& x, const at::Tensor& compressed, int64_t out_features,
+                                  int64_t in_features, const std::optional<at::Tensor>& bias);
+
+// Number of cached cuSPARSELt plans (all devices, shapes and bias pointers).
+int64_t cusparselt_plan_cache_size();
+
 }  // namespace madtp
