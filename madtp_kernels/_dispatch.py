@@ -48,6 +48,7 @@ class Limits:
     max_head_dim: int | None = None
     # Automatic choice only: below this many rows (tokens) another backend is faster (a forced choice still runs).
     auto_min_rows: int | None = None
+    feature_multiple: int | None = None            # GEMMs: out_features and in_features must be multiples of it
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,9 @@ BACKENDS: dict[str, Backend] = {
                 {"varlen_attention": Limits(frozenset({torch.float16, torch.bfloat16}), frozenset({32, 64, 128})),
                  # cuSPARSELt is compute-bound tuned: at few tokens the Triton kernel, which reads ~56% of the
                  # dense weight bytes, wins (pytorch#111339: cuSPARSELt 0.11x of dense at one row).
-                 "sparse_linear": Limits(frozenset({torch.float16, torch.bfloat16}), auto_min_rows=128)}),
+                 # cuSPARSELt's structured operand needs rows and columns in multiples of 16 (16-bit types).
+                 "sparse_linear": Limits(frozenset({torch.float16, torch.bfloat16}), auto_min_rows=128,
+                                         feature_multiple=16)}),
         Backend("triton", _triton_devices(), _FLOAT_DTYPES, (8, 0), _triton_importable,
                 "Triton kernels; on CPU only under TRITON_INTERPRET=1",
                 {op: Limits(max_head_dim=128) for op in ("varlen_attention", "varlen_attention_backward")}),
@@ -132,7 +135,7 @@ def forced_backend() -> str | None:
 
 
 def _why_not(backend: Backend, op: str, device: torch.device, dtypes: tuple[torch.dtype, ...],
-             head_dim: int | None = None) -> str | None:
+             head_dim: int | None = None, features: tuple[int, ...] = ()) -> str | None:
     if backend.name not in _REGISTRY.get(op, {}):
         return f"backend {backend.name!r} does not implement {op}"
     if not backend.is_available():
@@ -143,10 +146,11 @@ def _why_not(backend: Backend, op: str, device: torch.device, dtypes: tuple[torc
                                     if backend.name == "triton" and device.type == "cpu" else ""))
     if not backend.supports_device(device):
         return f"backend {backend.name!r} needs compute capability >= {backend.min_capability} on {device}"
-    return _beyond_limits(backend, op, dtypes, head_dim)
+    return _beyond_limits(backend, op, dtypes, head_dim, features)
 
 
-def _beyond_limits(backend: Backend, op: str, dtypes: tuple[torch.dtype, ...], head_dim: int | None) -> str | None:
+def _beyond_limits(backend: Backend, op: str, dtypes: tuple[torch.dtype, ...], head_dim: int | None,
+                   features: tuple[int, ...] = ()) -> str | None:
     limits = backend.limits.get(op, Limits())
     allowed = limits.dtypes if limits.dtypes is not None else backend.dtypes
     for dtype in dtypes:
@@ -157,25 +161,29 @@ def _beyond_limits(backend: Backend, op: str, dtypes: tuple[torch.dtype, ...], h
             return f"backend {backend.name!r} runs {op} on head dims {sorted(limits.head_dims)}, got {head_dim}"
         if limits.max_head_dim is not None and head_dim > limits.max_head_dim:
             return f"backend {backend.name!r} runs {op} on head dims up to {limits.max_head_dim}, got {head_dim}"
+    if limits.feature_multiple and any(f % limits.feature_multiple for f in features):
+        return (f"backend {backend.name!r} runs {op} on feature sizes that are multiples of "
+                f"{limits.feature_multiple}, got {features}")
     return None
 
 
 def select(op: str, device: torch.device, *dtypes: torch.dtype, head_dim: int | None = None,
-           rows: int | None = None, strict: bool = True) -> Callable:
+           rows: int | None = None, features: tuple[int, ...] = (), strict: bool = True) -> Callable:
     """The implementation of `op` for inputs on `device` whose floating-point tensors have `dtypes` (for
-    attention, whose head dim is `head_dim`; for GEMMs, with `rows` tokens). strict=False lets a forced backend
-    that cannot run the op fall back to the automatic choice (a backward op the forced backend lacks)."""
+    attention, whose head dim is `head_dim`; for GEMMs, with `rows` tokens and weight `features`).
+    strict=False lets a forced backend that cannot run the op fall back to the automatic choice (a backward
+    op the forced backend lacks)."""
     forced = forced_backend()
     if forced is not None:
-        reason = _why_not(BACKENDS[forced], op, device, dtypes, head_dim)
+        reason = _why_not(BACKENDS[forced], op, device, dtypes, head_dim, features)
         if reason is None:
             return _REGISTRY[op][forced]
         if strict:
-            able = [n for n in BACKENDS if _why_not(BACKENDS[n], op, device, dtypes, head_dim) is None]
+            able = [n for n in BACKENDS if _why_not(BACKENDS[n], op, device, dtypes, head_dim, features) is None]
             raise TypeError(f"{op}: {reason}; backends that can run these inputs: {able}")
     reasons = []
     for name in AUTO_ORDER.get(device.type, ()):
-        reason = _why_not(BACKENDS[name], op, device, dtypes, head_dim)
+        reason = _why_not(BACKENDS[name], op, device, dtypes, head_dim, features)
         floor = BACKENDS[name].limits.get(op, Limits()).auto_min_rows
         if reason is None and rows is not None and floor is not None and rows < floor:
             reason = f"backend {BACKENDS[name].name!r} is slower than the next below {floor} rows for {op}"

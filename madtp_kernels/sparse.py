@@ -167,7 +167,7 @@ def sparse_linear(x: Tensor, weight: SparseWeight, bias: Tensor | None = None) -
             raise TypeError(f"bias: expected dtype {x.dtype} (the dtype of x), got {bias.dtype}")
     checks.check_same_device(x, "x", weight=weight.values, bias=bias)
     rows = math.prod(x.shape[:-1])
-    impl = _dispatch.select("sparse_linear", x.device, x.dtype, rows=rows)
+    impl = _dispatch.select("sparse_linear", x.device, x.dtype, rows=rows, features=weight.shape)
     y = impl(x.reshape(rows, in_features).contiguous(), weight.values, weight.meta, bias)
     return y.reshape(*x.shape[:-1], out_features)
 

@@ -69,3 +69,11 @@ def test_per_op_limits_narrow_a_backend():
     assert "prune_tokens" not in cuda.limits  # the token ops take every float dtype of the backend
     reason = _dispatch._beyond_limits(_dispatch.BACKENDS["triton"], "varlen_attention", (torch.float16,), 256)
     assert reason is not None and "up to 128" in reason
+
+
+def test_gemm_limits_declare_the_cusparselt_crossover_and_alignment():
+    limits = _dispatch.BACKENDS["cuda"].limits["sparse_linear"]
+    assert limits.auto_min_rows and limits.feature_multiple == 16
+    cuda = _dispatch.BACKENDS["cuda"]
+    assert _dispatch._beyond_limits(cuda, "sparse_linear", (torch.float16,), None, (768, 3072)) is None
+    assert "multiples of 16" in _dispatch._beyond_limits(cuda, "sparse_linear", (torch.float16,), None, (24, 40))
