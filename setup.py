@@ -60,7 +60,7 @@ def _cuda_extension():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as e:
-        raise SkipCuda(f"torch is not importable ({e}); install with `pip install --no-build-isolation .`")
+        raise SkipCuda(f"torch is not importable ({e}); install with `pip install --no-build-isolation .`") from e
     if torch.version.cuda is None:
         raise SkipCuda(f"torch {torch.__version__} is not a CUDA build")
     if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):

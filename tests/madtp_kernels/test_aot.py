@@ -38,7 +38,8 @@ def _jit_kernels_by_module() -> dict[str, set[str]]:
         module = importlib.import_module(f"madtp_kernels.triton.{info.name}")
         kernels[module.__name__] = {
             name for name, obj in vars(module).items()
-            if name.endswith("_kernel") and hasattr(obj, "arg_names") and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
+            if name.endswith("_kernel") and hasattr(obj, "arg_names")
+            and getattr(getattr(obj, "fn", None), "__module__", None) == module.__name__}
     return kernels
 
 
