@@ -12,18 +12,9 @@
 #include <vector>
 
 #include "madtp/attention_math.h"
+#include "check.h"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                   \
-    }                                                                               \
-  } while (0)
 
 using madtp::key_end;
 using madtp::key_visible;
@@ -308,7 +299,7 @@ void run_case(std::mt19937& rng, const std::vector<int64_t>& lq, const std::vect
   if (!close(got.out, want.out, tol, "out", shape) || !close(got.received, want.received, tol * 4, "received", shape) ||
       !close(got.cls, want.cls, tol, "cls", shape) ||
       !close(got.lse, want.lse, tol * (1.0 + score_magnitude), "lse", shape)) {
-    ++failures;
+    ++madtp_test::failures;
   }
 }
 
@@ -346,10 +337,5 @@ int main() {
   test_mask_and_ranges();
   test_work_list(rng);
   test_tiled_attention(rng);
-  if (failures) {
-    std::fprintf(stderr, "test_attention_math: %d failure(s)\n", failures);
-    return 1;
-  }
-  std::printf("test_attention_math: all passed\n");
-  return 0;
+  return madtp_test::report("test_attention_math");
 }

@@ -5,18 +5,9 @@
 #include <unordered_set>
 
 #include "madtp/sparse_math.h"
+#include "check.h"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                    \
-    }                                                                                \
-  } while (0)
 
 using madtp::PlanKey;
 using madtp::PlanKeyHash;
@@ -89,10 +80,5 @@ int main() {
   test_padded_tokens();
   test_weight_shape();
   test_plan_key();
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("test_sparse_math: all checks passed\n");
-  return 0;
+  return madtp_test::report("test_sparse_math");
 }

@@ -9,27 +9,9 @@
 #include <vector>
 
 #include "madtp/token_ops.h"
+#include "check.h"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                          \
-    }                                                                      \
-  } while (0)
-
-#define CHECK_NEAR(a, b, tol)                                                                      \
-  do {                                                                                             \
-    const double a_ = (a), b_ = (b);                                                               \
-    if (!(std::fabs(a_ - b_) <= (tol) * (1.0 + std::fabs(b_)))) {                                  \
-      std::fprintf(stderr, "%s:%d: %s = %.9g, expected %s = %.9g\n", __FILE__, __LINE__, #a, a_, #b, b_); \
-      ++failures;                                                                                  \
-    }                                                                                              \
-  } while (0)
 
 using madtp::ceil_div;
 using madtp::chunk_width;
@@ -179,7 +161,7 @@ void check_prune_against_reference(std::mt19937& rng, int64_t B, int64_t C, int6
   CHECK(static_cast<int64_t>(got.y.size()) == int64_t{got.cu.back()} * C);
 
   int64_t row = 0;
-  for (int64_t b = 0; b < B && failures == 0; ++b) {
+  for (int64_t b = 0; b < B && madtp_test::failures == 0; ++b) {
     const int64_t start = cu[b], len = cu[b + 1] - cu[b];
     std::vector<int64_t> kept, dropped;
     for (int64_t t = 0; t < len; ++t) {
@@ -206,7 +188,7 @@ void check_prune_against_reference(std::mt19937& rng, int64_t B, int64_t C, int6
       ++row;
     }
   }
-  CHECK(row == got.cu.back() || failures > 0);
+  CHECK(row == got.cu.back() || madtp_test::failures > 0);
 }
 
 void test_prune_random() {
@@ -279,10 +261,5 @@ int main() {
   test_index_math();
   test_prune_random();
   test_pack_unpack_roundtrip();
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("token_ops host tests passed\n");
-  return 0;
+  return madtp_test::report("test_token_ops");
 }
