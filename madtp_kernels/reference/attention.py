@@ -21,6 +21,19 @@ def _causal_mask(rows: int, lq: int, lk: int, first_row: int, device) -> Tensor:
     return torch.arange(lk, device=device)[None, :] <= i + (lk - lq)
 
 
+def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool):
+    """(q0, q1, k0, k1, first) for each sequence with work: queries q0 + first .. q1 see keys k0 .. k1.
+
+    Causal queries before lq - lk see no key: their output stays 0 and they add nothing to the stats or
+    gradients, so they are left out (first > 0); sequences without keys or queries are skipped."""
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        first = max(0, (q1 - q0) - (k1 - k0)) if causal else 0
+        if k1 > k0 and q0 + first < q1:
+            yield q0, q1, k0, k1, first
+
+
 def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
@@ -56,14 +69,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     cls = torch.zeros_like(received)
     # The CPU flash kernel returns the log-sum-exp too; elsewhere the explicit path stands in.
     flash_cpu = q.device.type == "cpu" and not return_stats
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(bounds_q) - 1):
-        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+    for q0, q1, k0, k1, first in _sequences(cu_seqlens_q, cu_seqlens_k, causal):
         lq, lk = q1 - q0, k1 - k0
-        # Causal queries before lq - lk see no key: their output stays 0 and they add nothing to the stats.
-        first = max(0, lq - lk) if causal else 0
-        if lk == 0 or first >= lq:
-            continue
         qb = q[q0 + first:q1].transpose(0, 1)            # [H, rows, D]
         kb, vb = k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
         mask = _causal_mask(lq - first, lq, lk, first, q.device) if causal and lq - first != lk else None
@@ -99,13 +106,8 @@ def varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     kl = k.index_select(0, kv_index.long()) if kv_index is not None else k
     vl = v.index_select(0, kv_index.long()) if kv_index is not None else v
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (ql, kl, vl))
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(bounds_q) - 1):
-        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+    for q0, q1, k0, k1, first in _sequences(cu_seqlens_q, cu_seqlens_k, causal):
         lq, lk = q1 - q0, k1 - k0
-        first = max(0, lq - lk) if causal else 0
-        if lk == 0 or first >= lq:
-            continue
         qb = ql[q0 + first:q1].transpose(0, 1).to(acc)        # [H, rows, D]
         kb, vb = kl[k0:k1].transpose(0, 1).to(acc), vl[k0:k1].transpose(0, 1).to(acc)
         gb = grad_out[q0 + first:q1].transpose(0, 1).to(acc)
