@@ -77,7 +77,7 @@ def test_varlen_attention(benchmark, case, impl, stats):
             with mk.use_backend(backend):
                 return mk.varlen_attention(q, k, v, cu, max_seqlen_q=longest, max_seqlen_k=longest,
                                            return_stats=stats)
+    benchmark.group = f"varlen_attention {case.name} batch {case.batch}"
     run(benchmark, fn)
     flops, bytes_moved = work(case, lengths, q)
-    benchmark.group = f"varlen_attention {case.name} batch {case.batch}"
     record(benchmark, backend=impl, flops=flops, bytes_moved=bytes_moved, stats=stats, batch=case.batch)

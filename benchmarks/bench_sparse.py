@@ -54,8 +54,8 @@ def test_sparse_linear(benchmark, shape, tokens, impl):
         def fn():
             with mk.use_backend(backend):
                 return mk.sparse_linear(x, sparse, bias)
-    run(benchmark, fn)
     benchmark.group = f"sparse_linear {shape.name} tokens {tokens}"
+    run(benchmark, fn)
     flops = 2 * tokens * shape.in_features * shape.out_features  # dense-equivalent FLOPs
     moved = weight_bytes + (x.numel() + tokens * shape.out_features) * x.element_size()
     record(benchmark, backend=impl, flops=flops, bytes_moved=moved, tokens=tokens)

@@ -63,9 +63,9 @@ def test_prune_tokens(benchmark, case, impl):
         def fn():
             with mk.use_backend(impl):
                 return mk.prune_tokens(packed, cu, flat_scores, threshold)
+    benchmark.group = f"prune_tokens {case.name} keep {case.keep_ratio}"
     out = run(benchmark, fn)
     kept_rows = out[0].shape[0]
-    benchmark.group = f"prune_tokens {case.name} keep {case.keep_ratio}"
     record(benchmark, backend=impl, bytes_moved=bytes_of(case, x, kept_rows), rows_out=kept_rows, batch=BATCH)
 
 
@@ -80,8 +80,8 @@ def test_pack(benchmark, case, impl):
         def fn():
             with mk.use_backend(impl):
                 return mk.pack(x, mask=mask)
-    packed = run(benchmark, fn)[0]
     benchmark.group = f"pack {case.name}"
+    packed = run(benchmark, fn)[0]
     record(benchmark, backend=impl, bytes_moved=(x.numel() + packed.numel()) * x.element_size(), batch=BATCH)
 
 
@@ -102,6 +102,6 @@ def test_unpack(benchmark, case, impl):
         def fn():
             with mk.use_backend(impl):
                 return mk.unpack(packed, cu, max_len=max_len)
-    out = run(benchmark, fn)
     benchmark.group = f"unpack {case.name}"
+    out = run(benchmark, fn)
     record(benchmark, backend=impl, bytes_moved=(packed.numel() + out.numel()) * x.element_size(), batch=BATCH)

@@ -8,8 +8,8 @@ a row has at most 2 non-zeros. It is stored as
   meta   [N, K/8]  uint8: byte j of row n describes groups 2j (low nibble) and 2j + 1 (high nibble); in each
                    nibble bits 0-1 are the position (0..3) in the group of the first kept entry, bits 2-3 of
                    the second.
-fp16 values + meta are 0.5625x the dense fp16 bytes. On CUDA the cuda backend also keeps cuSPARSELt's own
-compressed copy of the weight, made once per weight and device and reused by every call.
+fp16 values + meta are 0.5625x the dense fp16 bytes. Backends may keep a derived form per weight, made once and
+reused by every call: the cuda backend cuSPARSELt's own compressed copy, the torch (CPU) backend the dense one.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import math
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _dispatch, _library
@@ -105,17 +106,41 @@ def _triton_forward(x, values, meta, bias):
     return sparse.sparse_linear(x, values, meta, bias)
 
 
-# cuSPARSELt's compressed copy of each weight, per values tensor; rebuilt when the values change in place.
-_CUSPARSELT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _PerWeight:
+    """A form of a compressed weight derived once and reused: one per values tensor (dropped when the tensor
+    is freed), rebuilt when values or meta change in place through the tensor (its version counter; writes
+    through `.data` are not seen). Values that require grad are being trained: derived afresh every call.
+    Keyed by id with a liveness check, since tensors compare elementwise and cannot key a WeakKeyDictionary."""
+
+    def __init__(self, build):
+        self._build = build
+        self._entries: dict[int, tuple] = {}
+
+    def __call__(self, values: Tensor, meta: Tensor) -> Tensor:
+        if values.requires_grad:
+            return self._build(values, meta)
+        version = (values._version, meta._version)
+        entry = self._entries.get(id(values))
+        if entry is None or entry[0]() is not values or entry[1] != version:
+            if entry is None or entry[0]() is not values:
+                weakref.finalize(values, self._entries.pop, id(values), None)
+            entry = (weakref.ref(values), version, self._build(values, meta))
+            self._entries[id(values)] = entry
+        return entry[2]
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
-def _cusparselt_weight(values: Tensor, meta: Tensor) -> Tensor:
-    cached = _CUSPARSELT.get(values)
-    if cached is None or cached[0] != values._version:
-        compressed = torch.ops.madtp_kernels.cusparselt_compress(ref.decompress(values, meta).contiguous())
-        cached = (values._version, compressed)
-        _CUSPARSELT[values] = cached
-    return cached[1]
+# The torch backend keeps the dense weight: then a call costs what F.linear costs (the CPU path trades memory
+# for time here; the memory saving is the GPU backends'). The cuda backend keeps cuSPARSELt's own compressed copy.
+_dense_weight = _PerWeight(ref.decompress)
+_cusparselt_weight = _PerWeight(
+    lambda values, meta: torch.ops.madtp_kernels.cusparselt_compress(ref.decompress(values, meta).contiguous()))
+
+
+def _torch_forward(x, values, meta, bias):
+    return F.linear(x, _dense_weight(values, meta), bias)
 
 
 def _cuda_forward(x, values, meta, bias):
@@ -139,7 +164,7 @@ def _backward(ctx, grad_y):
     return grad_x, grad_values, None, grad_bias
 
 
-_impls = {"torch": ref.sparse_linear, "triton": _triton_forward}
+_impls = {"torch": _torch_forward, "triton": _triton_forward}
 if _dispatch.BACKENDS["cuda"].is_available() and hasattr(torch.ops.madtp_kernels, "cusparselt_linear"):
     _impls["cuda"] = _cuda_forward
 _library.define("sparse_linear", SCHEMA, _impls, fake=_fake, backward=_backward, setup_context=_setup_context)

@@ -1,4 +1,4 @@
-"""2:4 sparse weights in plain PyTorch: pruning, the compressed format, and the `torch` backend's linear.
+"""2:4 sparse weights in plain PyTorch: pruning, the compressed format, and the gradients of sparse_linear.
 
 The compressed format (shared by every backend; see madtp_kernels.sparse for the full description):
 values [N, K/2] holds the two kept entries of each group of 4 input features in column order, and meta [N, K/8]
@@ -8,7 +8,6 @@ byte (the even group in the low nibble).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -52,11 +51,6 @@ def decompress(values: Tensor, meta: Tensor) -> Tensor:
     dense = values.new_zeros((n, groups, 4))
     dense.scatter_(-1, kept_positions(meta), values.reshape(n, groups, 2))
     return dense.reshape(n, groups * 4)
-
-
-def sparse_linear(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
-    """x [M, K] -> x W^T + bias [M, N], exact: one decompression, then the dense GEMM."""
-    return F.linear(x, decompress(values, meta), bias)
 
 
 def sparse_linear_backward(grad_y: Tensor, x: Tensor, values: Tensor, meta: Tensor,

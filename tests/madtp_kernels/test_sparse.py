@@ -167,3 +167,22 @@ def test_compiled_module_has_no_graph_breaks():
     torch.testing.assert_close(compiled(x), block(x))
     compiled(x).sum().backward()
     assert x.grad is not None
+
+
+def test_torch_backend_derives_the_dense_weight_once_and_follows_in_place_changes():
+    import gc
+
+    from madtp_kernels import sparse as sparse_module
+
+    weight = mk.compress_2to4(random_2to4(16, 32))
+    x = torch.randn(3, 32)
+    before = len(sparse_module._dense_weight)
+    with mk.use_backend("torch"):
+        for _ in range(3):
+            mk.sparse_linear(x, weight)
+        assert len(sparse_module._dense_weight) == before + 1
+        weight.values.mul_(2)  # an in-place change must not be served from the cache
+        torch.testing.assert_close(mk.sparse_linear(x, weight), x @ weight.to_dense().T)
+    del weight
+    gc.collect()
+    assert len(sparse_module._dense_weight) == before
