@@ -34,5 +34,7 @@ def run(benchmark, fn):
 
 @pytest.fixture(autouse=True)
 def _no_grad():
-    with torch.inference_mode():
+    # no_grad rather than inference_mode: the weights a model holds are ordinary tensors, and layers may cache
+    # what they derive from them by version counter, which inference tensors lack.
+    with torch.no_grad():
         yield

@@ -109,7 +109,8 @@ def _triton_forward(x, values, meta, bias):
 class _PerWeight:
     """A form of a compressed weight derived once and reused: one per values tensor (dropped when the tensor
     is freed), rebuilt when values or meta change in place through the tensor (its version counter; writes
-    through `.data` are not seen). Values that require grad are being trained: derived afresh every call.
+    through `.data` are not seen). Values that require grad (in training) and inference tensors (no version
+    counter) are derived afresh every call.
     Keyed by id with a liveness check, since tensors compare elementwise and cannot key a WeakKeyDictionary."""
 
     def __init__(self, build):
@@ -117,7 +118,8 @@ class _PerWeight:
         self._entries: dict[int, tuple] = {}
 
     def __call__(self, values: Tensor, meta: Tensor) -> Tensor:
-        if values.requires_grad:
+        # Weights in training change every step; inference tensors keep no version counter to check.
+        if values.requires_grad or values.is_inference() or meta.is_inference():
             return self._build(values, meta)
         version = (values._version, meta._version)
         entry = self._entries.get(id(values))

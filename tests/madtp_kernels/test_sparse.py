@@ -186,3 +186,12 @@ def test_torch_backend_derives_the_dense_weight_once_and_follows_in_place_change
     del weight
     gc.collect()
     assert len(sparse_module._dense_weight) == before
+
+
+def test_inference_tensor_weights_are_never_served_stale():
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        weight = mk.compress_2to4(random_2to4(16, 32))
+        mk.sparse_linear(x, weight)
+        weight.values.mul_(3)  # inference tensors keep no version counter: no cache may hide this
+        torch.testing.assert_close(mk.sparse_linear(x, weight), x @ weight.to_dense().T)
