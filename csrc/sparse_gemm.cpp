@@ -24,6 +24,7 @@
 #include <unordered_map>
 
 #include "madtp/sparse_math.h"
+#include "launch_checks.h"
 #include "ops.h"
 
 namespace madtp {
@@ -185,12 +186,6 @@ std::unique_ptr<Plan> make_plan(const cusparseLtHandle_t* handle, Entry& entry, 
   return plan;
 }
 
-void check_operand(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
-  TORCH_CHECK(t.device() == device, name, " must be on ", device, " (like the first argument), got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
 void check_weight_shape(int64_t out_features, int64_t in_features) {
   const int64_t multiple = structured_multiple(kElementBytes);
   TORCH_CHECK_VALUE(valid_weight_shape(out_features, in_features, kElementBytes),
@@ -206,7 +201,7 @@ void check_dtype(const at::Tensor& t, const char* name) {
 }  // namespace
 
 at::Tensor cusparselt_compress_cuda(const at::Tensor& weight) {
-  check_operand(weight, "weight", weight.device());
+  check_cuda_operand(weight, "weight", weight.device());
   const c10::cuda::CUDAGuard guard(weight.device());
   check_dtype(weight, "weight");
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be [out_features, in_features], got shape ", weight.sizes());
@@ -243,9 +238,9 @@ at::Tensor cusparselt_compress_cuda(const at::Tensor& weight) {
 
 at::Tensor cusparselt_linear_cuda(const at::Tensor& x, const at::Tensor& compressed, int64_t out_features,
                                   int64_t in_features, const std::optional<at::Tensor>& bias) {
-  check_operand(x, "x", x.device());
+  check_cuda_operand(x, "x", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  check_operand(compressed, "compressed", x.device());
+  check_cuda_operand(compressed, "compressed", x.device());
   check_dtype(x, "x");
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == in_features, "x must be [M, in_features=", in_features,
                     "], got shape ", x.sizes());
@@ -256,7 +251,7 @@ at::Tensor cusparselt_linear_cuda(const at::Tensor& x, const at::Tensor& compres
                     compressed.sizes());
   TORCH_CHECK(aligned(compressed), "compressed's data must be 16-byte aligned (cuSPARSELt), got an offset view");
   if (bias.has_value()) {
-    check_operand(*bias, "bias", x.device());
+    check_cuda_operand(*bias, "bias", x.device());
     TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", x.scalar_type(), ", got ",
                      bias->scalar_type());
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, "bias must be [out_features=", out_features,

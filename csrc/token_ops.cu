@@ -13,16 +13,11 @@
 
 #include "madtp/token_kernels.cuh"
 #include "madtp/token_ops.h"
+#include "launch_checks.h"
 #include "ops.h"
 
 namespace madtp {
 namespace {
-
-void check_cuda(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
-  TORCH_CHECK(t.device() == device, name, " must be on ", device, " (like the first argument), got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
 
 void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto st = t.scalar_type();
@@ -31,7 +26,7 @@ void check_float_dtype(const at::Tensor& t, const char* name) {
 }
 
 void check_cu_seqlens(const at::Tensor& cu, const at::Device& device) {
-  check_cuda(cu, "cu_seqlens", device);
+  check_cuda_operand(cu, "cu_seqlens", device);
   TORCH_CHECK(cu.scalar_type() == at::kInt, "cu_seqlens must be int32, got ", cu.scalar_type());
   TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "cu_seqlens must be 1-D with B + 1 >= 1 entries, got shape ",
               cu.sizes());
@@ -93,10 +88,9 @@ int64_t total_rows(const at::Tensor& cu_out) { return cu_out[cu_out.size(0) - 1]
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> pack_cuda(const at::Tensor& x, const at::Tensor& mask) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got a tensor on ", x.device());
+  check_cuda_operand(x, "x", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  check_cuda(x, "x", x.device());
-  check_cuda(mask, "mask", x.device());
+  check_cuda_operand(mask, "mask", x.device());
   check_float_dtype(x, "x");
   TORCH_CHECK(x.dim() == 3, "x must be [B, N, C], got shape ", x.sizes());
   TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
@@ -126,9 +120,8 @@ std::tuple<at::Tensor, at::Tensor> pack_cuda(const at::Tensor& x, const at::Tens
 }
 
 at::Tensor unpack_cuda(const at::Tensor& packed, const at::Tensor& cu_seqlens, int64_t max_len, double pad_value) {
-  TORCH_CHECK(packed.is_cuda(), "packed must be a CUDA tensor, got a tensor on ", packed.device());
+  check_cuda_operand(packed, "packed", packed.device());
   const c10::cuda::CUDAGuard guard(packed.device());
-  check_cuda(packed, "packed", packed.device());
   check_float_dtype(packed, "packed");
   TORCH_CHECK(packed.dim() == 2, "packed must be [T, C], got shape ", packed.sizes());
   check_cu_seqlens(cu_seqlens, packed.device());
@@ -160,14 +153,13 @@ at::Tensor unpack_cuda(const at::Tensor& packed, const at::Tensor& cu_seqlens, i
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens,
                                                                  const at::Tensor& scores, const at::Tensor& threshold,
                                                                  int64_t keep_first, bool merge) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got a tensor on ", x.device());
+  check_cuda_operand(x, "x", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
-  check_cuda(x, "x", x.device());
   check_float_dtype(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [T, C], got shape ", x.sizes());
   check_cu_seqlens(cu_seqlens, x.device());
-  check_cuda(scores, "scores", x.device());
-  check_cuda(threshold, "threshold", x.device());
+  check_cuda_operand(scores, "scores", x.device());
+  check_cuda_operand(threshold, "threshold", x.device());
   check_float_dtype(scores, "scores");
   TORCH_CHECK(threshold.scalar_type() == scores.scalar_type(), "threshold must have the dtype of scores (",
               scores.scalar_type(), "), got ", threshold.scalar_type());

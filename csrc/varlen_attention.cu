@@ -16,19 +16,14 @@
 
 #include "madtp/attention_kernels.cuh"
 #include "madtp/attention_math.h"
+#include "launch_checks.h"
 #include "ops.h"
 
 namespace madtp {
 namespace {
 
-void check_input(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got a tensor on ", t.device());
-  TORCH_CHECK(t.device() == device, name, " must be on ", device, " (like q), got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
 void check_int32_vector(const at::Tensor& t, const char* name, const at::Device& device) {
-  check_input(t, name, device);
+  check_cuda_operand(t, name, device);
   TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
 }
@@ -67,12 +62,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
     const std::optional<at::Tensor>& q_index, const std::optional<at::Tensor>& kv_index, bool return_stats) {
-  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got a tensor on ", q.device());
-  const c10::cuda::CUDAGuard guard(q.device());
   const at::Device device = q.device();
-  check_input(q, "q", device);
-  check_input(k, "k", device);
-  check_input(v, "v", device);
+  check_cuda_operand(q, "q", device);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_cuda_operand(k, "k", device);
+  check_cuda_operand(v, "v", device);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "q must be float16 or bfloat16 (the CUDA kernel's tensor-core types), got ", q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have q's dtype (", q.scalar_type(), "), got ",
