@@ -15,3 +15,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
     test_command = next(c for c in commands if c.rstrip().endswith("pytest"))
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command.strip() in ci_lines
+
+
+def test_readme_usage_example_runs():
+    code = re.findall(r"```python\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    assert code, "README must show the ops in use"
+    exec(compile(code[0], "README.md", "exec"), {})
