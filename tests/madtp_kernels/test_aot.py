@@ -26,7 +26,7 @@ def _run_tool(*args: str, extra_path: str | None = None) -> subprocess.Completed
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     path = [str(pathlib.Path(madtp_kernels.__file__).parents[1])] + ([extra_path] if extra_path else [])
     env["PYTHONPATH"] = os.pathsep.join(path + [env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "madtp_kernels.tools.aot", *args], env=env,
+    return subprocess.run([sys.executable, "-P", "-m", "madtp_kernels.tools.aot", *args], env=env,
                           capture_output=True, text=True, timeout=900)
 
 
