@@ -74,3 +74,19 @@ def check_cu_seqlens(cu, name: str, rows: int, *, batch: int | None = None) -> t
     if offsets[-1] != rows:
         raise ValueError(f"{name}: expected {name}[-1] == {rows} (the number of rows), got {int(offsets[-1])}")
     return offsets
+
+
+def check_max_len(value, name: str, offsets: torch.Tensor | None, *, unit: str = "sequence",
+                  rows: str = "") -> int:
+    """A bound on the sequence lengths (`max_seqlen`, `max_len`): the longest length when None, else an int
+    >= it. `offsets` is what check_cu_seqlens returned (None while tracing, where the bound is then required).
+    `unit` and `rows` word the messages ("sample", " rows")."""
+    longest = int((offsets[1:] - offsets[:-1]).max()) if offsets is not None and offsets.numel() > 1 else 0
+    if value is None:
+        if offsets is None:
+            raise ValueError(f"{name}: required under torch.compile (the longest {unit} is not known while tracing)")
+        return longest
+    check_int(value, name, minimum=0)
+    if value < longest:
+        raise ValueError(f"{name}: expected >= the longest {unit} ({longest}{rows}), got {value}")
+    return value

@@ -92,19 +92,6 @@ def _check_index(index: Tensor | None, name: str, buffer_rows: int, buffer: str)
                              f"got min {lo}, max {hi}")
 
 
-def _check_max_seqlen(value, name: str, offsets: Tensor | None) -> int:
-    longest = int((offsets[1:] - offsets[:-1]).max()) if offsets is not None and offsets.numel() > 1 else 0
-    if value is None:
-        if offsets is None:
-            raise ValueError(f"{name}: required under torch.compile (the longest sequence is not known while "
-                             "tracing)")
-        return longest
-    checks.check_int(value, name, minimum=0)
-    if value < longest:
-        raise ValueError(f"{name}: expected >= the longest sequence ({longest}), got {value}")
-    return value
-
-
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None = None,
                      *, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
                      scale: float | None = None, causal: bool = False, q_index: Tensor | None = None,
@@ -150,8 +137,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.shape[0] - 1} sequences (as cu_seqlens_q), "
                              f"got {cu_seqlens_k.shape[0] - 1}")
         offsets_k = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", rows_k)
-    max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", offsets_q)
-    max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", offsets_k)
+    max_seqlen_q = checks.check_max_len(max_seqlen_q, "max_seqlen_q", offsets_q)
+    max_seqlen_k = checks.check_max_len(max_seqlen_k, "max_seqlen_k", offsets_k)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[2])
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):

@@ -156,14 +156,7 @@ def unpack(packed: Tensor, cu_seqlens: Tensor, *, max_len: int | None = None, pa
     offsets = checks.check_cu_seqlens(cu_seqlens, "cu_seqlens", packed.shape[0])
     if not isinstance(pad_value, (int, float)) or isinstance(pad_value, bool):
         raise TypeError(f"pad_value: expected a float, got {type(pad_value).__name__}")
-    longest = int((offsets[1:] - offsets[:-1]).max()) if offsets is not None and offsets.numel() > 1 else 0
-    if max_len is None:
-        if offsets is None:
-            raise ValueError("max_len: required under torch.compile (the longest sample is not known while tracing)")
-        max_len = longest
-    checks.check_int(max_len, "max_len", minimum=0)
-    if max_len < longest:
-        raise ValueError(f"max_len: expected >= the longest sample ({longest} rows), got {max_len}")
+    max_len = checks.check_max_len(max_len, "max_len", offsets, unit="sample", rows=" rows")
     impl = _dispatch.select("unpack", packed.device, packed.dtype)
     feature_shape = packed.shape[1:]
     rows = packed.reshape(packed.shape[0], math.prod(feature_shape)).contiguous()

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.tokens import offsets_of
 from . import AotSpec
 
 # Compaction tile: 128 tokens x 64 columns = 64 values per thread at 4 warps, no spills even with the fp32
@@ -146,16 +147,10 @@ def _block_c(C: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(C)))
 
 
-def _cu_from_counts(counts: torch.Tensor) -> torch.Tensor:
-    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-    torch.cumsum(counts, 0, dtype=torch.int32, out=cu[1:])
-    return cu
-
-
 def pack(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, N, C], mask [B, N] bool -> (packed [T, C], cu_seqlens int32 [B+1]): kept rows, b-major, in order."""
     B, N, C = x.shape
-    cu = _cu_from_counts(mask.sum(dim=1, dtype=torch.int32))
+    cu = offsets_of(mask.sum(dim=1, dtype=torch.int32))
     total = int(cu[-1])  # host sync: the output size depends on the mask
     packed = x.new_empty((total, C))
     if packed.numel() == 0:
@@ -198,7 +193,7 @@ def prune_tokens(x: torch.Tensor, cu_seqlens: torch.Tensor, scores: torch.Tensor
     if B > 0:
         _count_rows_kernel[(B,)](scores, cu_seqlens, threshold, rows, keep_first, MERGE=merge,
                                  BLOCK=_COUNT_BLOCK, num_warps=_NUM_WARPS)
-    cu_new = _cu_from_counts(rows)
+    cu_new = offsets_of(rows)
     total = int(cu_new[-1])  # host sync: the output size depends on the scores
     y = x.new_empty((total, C))
     kept_index = torch.empty(total, dtype=torch.int32, device=x.device)
