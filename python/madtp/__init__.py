@@ -1,10 +1,12 @@
 """madtp: MADTP++ (alignment-guided token pruning + 2:4 weight pruning) on Hugging Face CLIP and BLIP.
 
-Built on madtp_kernels. The model layer (apply/remove/sparsify/count_flops) lands with its own issue; what is
-here now is the configuration every part of it shares.
+Built on madtp_kernels: `apply` swaps token pruning into a model instance (executed on packed, ragged token sets),
+`remove` undoes it; see shared/DESIGN.md (Model-layer contract).
 """
 from .config import MADTPConfig
+from .patch import alignment_loss, apply, pruning_report, remove, set_execution, set_temperature
 
 __version__ = "0.1.0"
 
-__all__ = ["MADTPConfig"]
+__all__ = ["MADTPConfig", "alignment_loss", "apply", "pruning_report", "remove", "set_execution",
+           "set_temperature"]

@@ -14,6 +14,7 @@ class MADTPConfig:
     prune_text: bool = True
     merge_pruned: bool = True
     execution: str = "ragged"          # "ragged": packed tokens end to end; "padded": the published baseline
+    prune_layers: tuple[int, ...] | None = None   # encoder layers (0-based) that prune; None: every layer
 
     def __post_init__(self):
         if isinstance(self.num_alignment_tokens, bool) or not isinstance(self.num_alignment_tokens, int) \
@@ -22,6 +23,12 @@ class MADTPConfig:
         if self.temperature is not None and not (isinstance(self.temperature, (int, float))
                                                  and self.temperature >= 0):
             raise ValueError(f"temperature: expected None or a float >= 0, got {self.temperature!r}")
+        if self.prune_layers is not None:
+            if isinstance(self.prune_layers, (str, bytes)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.prune_layers):
+                raise ValueError(f"prune_layers: expected None or a sequence of layer indices >= 0, got "
+                                 f"{self.prune_layers!r}")
+            object.__setattr__(self, "prune_layers", tuple(sorted(set(self.prune_layers))))
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution: expected one of {EXECUTIONS}, got {self.execution!r}")
 

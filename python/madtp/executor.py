@@ -1,0 +1,148 @@
+"""Running an encoder's layers on pruned token sets: ragged (packed rows, varlen kernels) or padded (baseline).
+
+A model family describes its layer once as a function `layer_fn(layer, x, ctx)` over the layer's own
+submodules; `ctx.attend` and `ctx.prune` are what the two executions implement differently:
+- `RaggedContext`: x is packed rows [T, C]; attention is `madtp_kernels.varlen_attention` (with the stats
+  pruning needs, and no [T, T] matrix); pruning compacts the rows with `prune_tokens`.
+- `PaddedContext`: x is [B, L, C] padded to the batch's longest sample; attention is masked SDPA, or an explicit
+  softmax where the stats are needed (what the published code does); after pruning the batch is padded again.
+Both make their pruning decisions through `pruning.prune_step` on packed rows, so they compute the same thing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from madtp_kernels import AttentionStats, pack, unpack, varlen_attention
+
+from . import pruning
+from .pruning import Layout
+
+
+@dataclass
+class BranchRecord:
+    """What one forward of a branch leaves behind for the loss and the reports."""
+    pooled: Tensor | None = None                          # [B, K, d] alignment features summed over layers
+    kept: dict[str, Tensor] = field(default_factory=dict)  # layer name -> rows per sample after that layer
+
+
+@dataclass
+class BranchPlan:
+    """How a branch prunes in this forward."""
+    name: str                    # "vision" or "text": the alignment map and the temperature to use
+    temperature: float | None    # None: no pruning
+    prune_layers: frozenset[int] | None
+    merge: bool
+    alignment: object            # AlignmentTokens
+    layer_names: list[str]
+    causal: bool = False
+
+
+class _Context:
+    def __init__(self, plan: BranchPlan, layout: Layout, record: BranchRecord):
+        self.plan, self.layout, self.record = plan, layout, record
+        self.layer = 0
+
+    def _prunes(self) -> bool:
+        p = self.plan
+        return p.temperature is not None and (p.prune_layers is None or self.layer in p.prune_layers)
+
+    @property
+    def wants_stats(self) -> bool:
+        return self._prunes()
+
+    def _align_and_prune(self, rows: Tensor, attn_out: Tensor | None, stats: AttentionStats | None):
+        """Alignment scores (every layer) and, in a pruning layer, the pruning step. rows: packed [T, C]."""
+        plan, layout = self.plan, self.layout
+        scores, h = plan.alignment.scores(rows, plan.name)
+        pooled = plan.alignment.pooled(scores, h, layout.cu_seqlens, layout.max_len, layout.candidates())
+        rec = self.record
+        rec.pooled = pooled if rec.pooled is None else rec.pooled + pooled
+        if not self._prunes():
+            return None
+        importance = pruning.token_importance(stats, attn_out, scores, layout)
+        theta = pruning.threshold(scores, importance, layout, plan.temperature)
+        result = pruning.prune_step(rows, layout, importance, theta, plan.merge)
+        self.layout = result.layout
+        rec.kept[plan.layer_names[self.layer]] = result.kept.detach().cpu()
+        return result.x
+
+
+class RaggedContext(_Context):
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False):
+        """q, k, v [T, H, D] -> (out [T, H, D], stats or None)."""
+        lay = self.layout
+        res = varlen_attention(q, k, v, lay.cu_seqlens, max_seqlen_q=lay.max_len, max_seqlen_k=lay.max_len,
+                               scale=scale, causal=causal, return_stats=self.wants_stats)
+        return res if self.wants_stats else (res, None)
+
+    def prune(self, x: Tensor, attn_out: Tensor, stats: AttentionStats | None) -> Tensor:
+        out = self._align_and_prune(x, attn_out, stats)
+        return x if out is None else out
+
+    def rows(self, x: Tensor) -> Tensor:
+        return x
+
+
+class PaddedContext(_Context):
+    """x is [B, L, C] with L = the longest sample; rows past a sample's length are padding."""
+
+    def _valid(self) -> Tensor:
+        lay = self.layout
+        lengths = (lay.cu_seqlens[1:] - lay.cu_seqlens[:-1]).long()
+        return torch.arange(lay.max_len, device=lengths.device) < lengths[:, None]   # [B, L]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False):
+        """q, k, v [B, L, H, D] -> (out [B, L, H, D], stats on packed rows or None)."""
+        valid = self._valid()
+        allowed = valid[:, None, None, :]                                 # [B, 1, 1(q), L(k)]
+        if causal:
+            length = q.shape[1]
+            allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                   # [B, H, L, D]
+        if not self.wants_stats:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+            return out.transpose(1, 2), None
+        probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf")), dim=-1)
+        out = probs @ v
+        probs = probs.detach().float() * valid[:, None, :, None]          # padding queries give nothing
+        received = probs.sum(dim=2).transpose(1, 2)                       # [B, L(k), H]
+        cls = probs[:, :, 0, :].transpose(1, 2)                           # [B, L(k), H]
+        stats = AttentionStats(pack(received, valid)[0], pack(cls, valid)[0])
+        return out.transpose(1, 2), stats
+
+    def rows(self, x: Tensor) -> Tensor:
+        return pack(x, self._valid())[0]
+
+    def prune(self, x: Tensor, attn_out: Tensor, stats: AttentionStats | None) -> Tensor:
+        valid = self._valid()
+        rows = pack(x, valid)[0]
+        out = self._align_and_prune(rows, pack(attn_out, valid)[0] if stats is not None else None, stats)
+        if out is None:
+            return x
+        return unpack(out, self.layout.cu_seqlens, max_len=self.layout.max_len)
+
+
+def run_layers(layers, layer_fn, x: Tensor, valid: Tensor, protected: Tensor | None, plan: BranchPlan,
+               execution: str) -> tuple[Tensor, Layout, BranchRecord]:
+    """Run `layers` on x [B, N, C] whose valid tokens are `valid` [B, N]; returns packed rows [T, C], their
+    layout and the record. protected [B, N]: tokens never dropped besides each sample's first."""
+    batch, n = valid.shape
+    rows, cu = pack(x, valid)
+    positions = torch.arange(n, device=x.device).expand(batch, n)[valid]     # row-major = packed order
+    prot = protected[valid] if protected is not None else torch.zeros_like(positions, dtype=torch.bool)
+    lengths = valid.sum(1)
+    layout = Layout(cu, int(lengths.max()) if batch else 0, positions, prot)
+    record = BranchRecord()
+    if execution == "ragged":
+        ctx, h = RaggedContext(plan, layout, record), rows
+    else:
+        ctx = PaddedContext(plan, layout, record)
+        h = unpack(rows, cu, max_len=layout.max_len)
+    for i, layer in enumerate(layers):
+        ctx.layer = i
+        h = layer_fn(layer, h, ctx)
+    return ctx.rows(h), ctx.layout, record

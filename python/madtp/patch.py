@@ -1,0 +1,213 @@
+"""apply / remove: MADTP token pruning swapped into an existing Hugging Face model instance.
+
+Towers (image or text encoders) are found by class from the family tables in `madtp.models`; inside each, the
+layer stack's `forward` is replaced on the instance (the class is untouched) and a pre-hook on the tower reads
+which tokens exist (the text attention mask) and which must survive (CLIP's EOT). The alignment tokens live in a
+child module `model.madtp`, so they train, move and save with the model. `remove` deletes all of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from . import executor, models
+from .alignment import AlignmentTokens
+from .alignment import alignment_loss as _alignment_loss
+from .config import EXECUTIONS, MADTPConfig
+from .models.spec import TowerInputs, TowerSpec
+from .ragged import segment_ids
+
+ATTRIBUTE = "madtp"
+
+
+@dataclass
+class Tower:
+    name: str
+    module: nn.Module
+    spec: TowerSpec
+    encoder: nn.Module
+    layers: list[nn.Module]
+    layer_names: list[str]
+
+
+class MADTPState(nn.Module):
+    """The alignment tokens (parameters) and what the last forward recorded (plain attributes)."""
+
+    def __init__(self, config: MADTPConfig, towers: list[Tower]):
+        super().__init__()
+        self.config = config
+        widths = {t.spec.branch: _width(t) for t in towers}
+        self.alignment = AlignmentTokens(config.num_alignment_tokens, widths)
+        default = config.temperature if config.temperature else None
+        self.temperature = {"vision": default if config.prune_vision else None,
+                            "text": default if config.prune_text else None}
+        self.execution = config.execution
+        self.records: dict[str, executor.BranchRecord] = {}
+        self._inputs: dict[int, TowerInputs] = {}
+        self._undo: list = []
+        self._towers = towers
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, temperature={self.temperature}"
+
+
+def _width(tower: Tower) -> int:
+    return tower.module.config.hidden_size
+
+
+def _state(model: nn.Module) -> MADTPState:
+    state = getattr(model, ATTRIBUTE, None)
+    if not isinstance(state, MADTPState):
+        raise ValueError("model: madtp.apply(model, config) has not been called on this model")
+    return state
+
+
+def _find_towers(model: nn.Module) -> list[Tower]:
+    towers, inside = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue   # the inner half of a tower already taken (transformers 4's XModel -> XTransformer)
+        spec = next((s for s in models.SPECS if s.matches(module)), None)
+        if spec is None:
+            continue
+        encoders = [m for m in module.modules() if isinstance(m, spec.encoder_type)]
+        if len(encoders) != 1:
+            raise ValueError(f"model: expected one {spec.encoder_type.__name__} in {name or 'the model'}, found "
+                             f"{len(encoders)}")
+        prefix = f"{name}." if name else ""
+        layers = [(f"{prefix}{n}", m) for n, m in module.named_modules() if isinstance(m, spec.layer_type)]
+        if not layers:
+            raise ValueError(f"model: no {spec.layer_type.__name__} (attention layers) found in "
+                             f"{name or 'the model'}: nothing to prune")
+        towers.append(Tower(name, module, spec, encoders[0], [m for _, m in layers], [n for n, _ in layers]))
+        inside.append(name)
+    return towers
+
+
+def apply(model: nn.Module, config: MADTPConfig | None = None) -> nn.Module:
+    """Swap MADTP token pruning into `model` in place (see MADTPConfig) and return it.
+
+    Every check runs before any module changes: a failed apply leaves the model as it was.
+    """
+    config = MADTPConfig() if config is None else config
+    if not isinstance(config, MADTPConfig):
+        raise TypeError(f"config: expected a madtp.MADTPConfig, got {type(config).__name__}")
+    if not isinstance(model, models.MODELS):
+        names = ", ".join(m.__name__ for m in models.MODELS)
+        raise TypeError(f"model: {type(model).__name__} is not supported; supported classes: {names}")
+    if isinstance(getattr(model, ATTRIBUTE, None), MADTPState):
+        raise ValueError("model: madtp.apply was already called on this model (madtp.remove it first)")
+    if hasattr(model, ATTRIBUTE):
+        raise ValueError(f"model: already has an attribute {ATTRIBUTE!r}; MADTP needs that name")
+    towers = _find_towers(model)
+    if not towers:
+        raise ValueError(f"model: no encoder towers found in {type(model).__name__}")
+    param = next(model.parameters())
+    state = MADTPState(config, towers).to(device=param.device, dtype=param.dtype)
+    for tower in towers:
+        _patch(state, tower)
+    model.add_module(ATTRIBUTE, state)
+    return model
+
+
+def _patch(state: MADTPState, tower: Tower) -> None:
+    spec, encoder = tower.spec, tower.encoder
+    signature = inspect.signature(tower.module.forward)
+
+    def read_inputs(module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        state._inputs[id(encoder)] = spec.inputs(module, bound)
+
+    original = inspect.signature(encoder.forward)
+    first = next(iter(original.parameters))
+
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs[first]
+        return BaseModelOutput(last_hidden_state=_run(state, tower, hidden))
+
+    handle = tower.module.register_forward_pre_hook(read_inputs, with_kwargs=True)
+    encoder.forward = forward
+
+    def undo():
+        handle.remove()
+        del encoder.forward   # the instance attribute: the class's forward shows through again
+    state._undo.append(undo)
+
+
+def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
+    spec = tower.spec
+    inputs = state._inputs.pop(id(tower.encoder), None) or TowerInputs()
+    batch, n = hidden.shape[:2]
+    valid = inputs.valid if inputs.valid is not None else \
+        torch.ones(batch, n, dtype=torch.bool, device=hidden.device)
+    plan = executor.BranchPlan(name=spec.branch, temperature=state.temperature.get(spec.branch),
+                               prune_layers=(frozenset(state.config.prune_layers)
+                                             if state.config.prune_layers is not None else None),
+                               merge=state.config.merge_pruned, alignment=state.alignment,
+                               layer_names=tower.layer_names, causal=spec.causal)
+    rows, layout, record = executor.run_layers(tower.layers, spec.layer_fn, hidden, valid.to(hidden.device),
+                                               inputs.protected, plan, state.execution)
+    state.records[spec.branch] = record
+    if spec.output == "compact":
+        from madtp_kernels import unpack
+        return unpack(rows, layout.cu_seqlens, max_len=layout.max_len)
+    out = rows.new_zeros(batch, n, rows.shape[-1])
+    keep = layout.positions >= 0
+    sample = segment_ids(layout.cu_seqlens, layout.rows)
+    return out.index_put((sample[keep], layout.positions[keep]), rows[keep])
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo `apply`: the original modules and forwards, and no `model.madtp`."""
+    state = _state(model)
+    for undo in reversed(state._undo):
+        undo()
+    delattr(model, ATTRIBUTE)
+    return model
+
+
+def set_temperature(model: nn.Module, *, vision: float | None = ..., text: float | None = ...) -> None:
+    """Change a branch's pruning temperature (None: no pruning in that branch) without re-applying."""
+    state = _state(model)
+    for branch, value in (("vision", vision), ("text", text)):
+        if value is ...:
+            continue
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{branch}: expected None or a temperature > 0, got {value!r}")
+        state.temperature[branch] = float(value) if value is not None else None
+
+
+def set_execution(model: nn.Module, execution: str) -> None:
+    """Switch between "ragged" and "padded" execution (same parameters, same outputs, different time)."""
+    state = _state(model)
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution: expected one of {EXECUTIONS}, got {execution!r}")
+    state.execution = execution
+
+
+def pruning_report(model: nn.Module) -> dict[str, Tensor]:
+    """After a forward: layer name -> rows per sample (kept + merged) after that layer's pruning, int [B]."""
+    state = _state(model)
+    report = {}
+    for record in state.records.values():
+        report.update(record.kept)
+    return report
+
+
+def alignment_loss(model: nn.Module) -> Tensor:
+    """MAG's loss for the last forward that ran both branches: 1 - cos(image, text pooled features)."""
+    state = _state(model)
+    missing = [b for b in ("vision", "text") if b not in state.records or state.records[b].pooled is None]
+    if missing:
+        raise ValueError(f"model: the last forward did not run the {' and '.join(missing)} branch; "
+                         "alignment_loss needs a forward over image-text pairs")
+    return _alignment_loss(state.records["vision"].pooled, state.records["text"].pooled)
+
+
+def config_of(model: nn.Module) -> MADTPConfig:
+    return dataclasses.replace(_state(model).config)
