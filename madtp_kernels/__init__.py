@@ -1,8 +1,11 @@
 """madtp-kernels: ragged attention, token compaction and 2:4 sparse GEMMs for pruned vision-language models."""
+from . import flops
 from ._dispatch import available_backends, use_backend
 from .attention import AttentionStats, varlen_attention
 from .sparse import SparseLinear, SparseWeight, compress_2to4, prune_2to4, sparse_linear
 from .tokens import PrunedTokens, pack, prune_tokens, unpack
+
+flops.register()   # torch.utils.flop_counter counts the ops by their real (ragged, 2:4) work
 
 __version__ = "0.1.0"
 

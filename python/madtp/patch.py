@@ -67,7 +67,7 @@ def _state(model: nn.Module) -> MADTPState:
     return state
 
 
-def _find_towers(model: nn.Module) -> list[Tower]:
+def find_towers(model: nn.Module) -> list[Tower]:
     towers, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
@@ -104,7 +104,7 @@ def apply(model: nn.Module, config: MADTPConfig | None = None) -> nn.Module:
         raise ValueError("model: madtp.apply was already called on this model (madtp.remove it first)")
     if hasattr(model, ATTRIBUTE):
         raise ValueError(f"model: already has an attribute {ATTRIBUTE!r}; MADTP needs that name")
-    towers = _find_towers(model)
+    towers = find_towers(model)
     if not towers:
         raise ValueError(f"model: no encoder towers found in {type(model).__name__}")
     param = next(model.parameters())
