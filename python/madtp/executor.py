@@ -7,6 +7,9 @@ submodules; `ctx.attend` and `ctx.prune` are what the two executions implement d
 - `PaddedContext`: x is [B, L, C] padded to the batch's longest sample; attention is masked SDPA, or an explicit
   softmax where the stats are needed (what the published code does); after pruning the batch is padded again.
 Both make their pruning decisions through `pruning.prune_step` on packed rows, so they compute the same thing.
+A layer that cross-attends (BLIP's text layers to the image) reads `ctx.memory` (packed rows, or [B, M, C]) and
+calls `ctx.cross_attend`: each sample's queries see only its own memory rows, without padding in the ragged
+execution, through a key mask in the padded one.
 """
 from __future__ import annotations
 
@@ -41,10 +44,18 @@ class BranchPlan:
     causal: bool = False
 
 
+@dataclass
+class Memory:
+    """What a branch's layers cross-attend to: x [B, M, C] whose rows `valid` [B, M] exist."""
+    x: Tensor
+    valid: Tensor
+
+
 class _Context:
     def __init__(self, plan: BranchPlan, layout: Layout, record: BranchRecord):
         self.plan, self.layout, self.record = plan, layout, record
         self.layer = 0
+        self.memory: Tensor | None = None   # in this execution's layout, see the subclasses
 
     def _prunes(self) -> bool:
         p = self.plan
@@ -72,6 +83,19 @@ class _Context:
 
 
 class RaggedContext(_Context):
+    def __init__(self, plan: BranchPlan, layout: Layout, record: BranchRecord, memory: Memory | None = None):
+        super().__init__(plan, layout, record)
+        if memory is not None:
+            self.memory, self._memory_cu = pack(memory.x, memory.valid)
+            lengths = self._memory_cu[1:] - self._memory_cu[:-1]
+            self._memory_max = int(lengths.max()) if lengths.numel() else 0
+
+    def cross_attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
+        """q [T, H, D] over k, v [Tm, H, D] (rows of self.memory) -> out [T, H, D]."""
+        lay = self.layout
+        return varlen_attention(q, k, v, lay.cu_seqlens, self._memory_cu, max_seqlen_q=lay.max_len,
+                                max_seqlen_k=self._memory_max, scale=scale)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False):
         """q, k, v [T, H, D] -> (out [T, H, D], stats or None)."""
         lay = self.layout
@@ -89,6 +113,17 @@ class RaggedContext(_Context):
 
 class PaddedContext(_Context):
     """x is [B, L, C] with L = the longest sample; rows past a sample's length are padding."""
+
+    def __init__(self, plan: BranchPlan, layout: Layout, record: BranchRecord, memory: Memory | None = None):
+        super().__init__(plan, layout, record)
+        if memory is not None:
+            self.memory, self._memory_valid = memory.x, memory.valid
+
+    def cross_attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
+        """q [B, L, H, D] over k, v [B, M, H, D] (self.memory's rows), masked to the valid ones."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._memory_valid[:, None, None, :], scale=scale)
+        return out.transpose(1, 2)
 
     def _valid(self) -> Tensor:
         lay = self.layout
@@ -127,9 +162,10 @@ class PaddedContext(_Context):
 
 
 def run_layers(layers, layer_fn, x: Tensor, valid: Tensor, protected: Tensor | None, plan: BranchPlan,
-               execution: str) -> tuple[Tensor, Layout, BranchRecord]:
+               execution: str, memory: Memory | None = None) -> tuple[Tensor, Layout, BranchRecord]:
     """Run `layers` on x [B, N, C] whose valid tokens are `valid` [B, N]; returns packed rows [T, C], their
-    layout and the record. protected [B, N]: tokens never dropped besides each sample's first."""
+    layout and the record. protected [B, N]: tokens never dropped besides each sample's first. memory: what
+    the layers cross-attend to (same batch), if anything."""
     batch, n = valid.shape
     rows, cu = pack(x, valid)
     positions = torch.arange(n, device=x.device).expand(batch, n)[valid]     # row-major = packed order
@@ -138,9 +174,9 @@ def run_layers(layers, layer_fn, x: Tensor, valid: Tensor, protected: Tensor | N
     layout = Layout(cu, int(lengths.max()) if batch else 0, positions, prot)
     record = BranchRecord()
     if execution == "ragged":
-        ctx, h = RaggedContext(plan, layout, record), rows
+        ctx, h = RaggedContext(plan, layout, record, memory), rows
     else:
-        ctx = PaddedContext(plan, layout, record)
+        ctx = PaddedContext(plan, layout, record, memory)
         h = unpack(rows, cu, max_len=layout.max_len)
     for i, layer in enumerate(layers):
         ctx.layer = i

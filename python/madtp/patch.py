@@ -4,6 +4,12 @@ Towers (image or text encoders) are found by class from the family tables in `ma
 layer stack's `forward` is replaced on the instance (the class is untouched) and a pre-hook on the tower reads
 which tokens exist (the text attention mask) and which must survive (CLIP's EOT). The alignment tokens live in a
 child module `model.madtp`, so they train, move and save with the model. `remove` deletes all of it.
+
+A tower's output is a plain padded tensor to the model's own code (BLIP builds `image_atts` of ones from its
+shape), so the layout of each tower output is recorded here, keyed by the tensor itself (weakly: nothing is kept
+alive): a later tower (BLIP's text layers) or a family's module patch (BLIP's decoder cross-attention) that is
+handed that very tensor looks its rows up. A tensor derived from it (expanded for beam search, sliced, moved)
+is not recognised: there, the attention mask the caller gives is all there is.
 """
 from __future__ import annotations
 
@@ -13,13 +19,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput
+
+from madtp_kernels import unpack
 
 from . import executor, models
 from .alignment import AlignmentTokens
 from .alignment import alignment_loss as _alignment_loss
 from .config import EXECUTIONS, MADTPConfig
-from .models.spec import TowerInputs, TowerSpec
+from .models.spec import OutputLayout, TowerInputs, TowerSpec
 from .ragged import segment_ids
 
 ATTRIBUTE = "madtp"
@@ -49,8 +59,14 @@ class MADTPState(nn.Module):
         self.execution = config.execution
         self.records: dict[str, executor.BranchRecord] = {}
         self._inputs: dict[int, TowerInputs] = {}
+        self._pending: dict[int, OutputLayout] = {}   # encoder -> layout, until its tower's output is known
+        self._outputs = WeakIdKeyDictionary()          # tower output tensor -> OutputLayout
         self._undo: list = []
         self._towers = towers
+
+    def output_layout(self, tensor) -> OutputLayout | None:
+        """The layout recorded for a tower output of the last forwards (None for any other tensor)."""
+        return self._outputs.get(tensor) if isinstance(tensor, Tensor) else None
 
     def extra_repr(self) -> str:
         return f"config={self.config}, temperature={self.temperature}"
@@ -69,10 +85,13 @@ def _state(model: nn.Module) -> MADTPState:
 
 def find_towers(model: nn.Module) -> list[Tower]:
     towers, inside = [], []
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if any(name.startswith(p + ".") for p in inside):
             continue   # the inner half of a tower already taken (transformers 4's XModel -> XTransformer)
-        spec = next((s for s in models.SPECS if s.matches(module)), None)
+        parts = name.split(".") if name else []
+        ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]
+        spec = next((s for s in models.SPECS if s.matches(module, ancestors)), None)
         if spec is None:
             continue
         encoders = [m for m in module.modules() if isinstance(m, spec.encoder_type)]
@@ -111,6 +130,12 @@ def apply(model: nn.Module, config: MADTPConfig | None = None) -> nn.Module:
     state = MADTPState(config, towers).to(device=param.device, dtype=param.dtype)
     for tower in towers:
         _patch(state, tower)
+    for module in model.modules():
+        for patch in models.PATCHES:
+            if isinstance(module, patch.module_type):
+                undo = patch.install(module, state.output_layout)
+                if undo is not None:
+                    state._undo.append(undo)
     model.add_module(ATTRIBUTE, state)
     return model
 
@@ -123,18 +148,27 @@ def _patch(state: MADTPState, tower: Tower) -> None:
         bound = signature.bind_partial(*args, **kwargs).arguments
         state._inputs[id(encoder)] = spec.inputs(module, bound)
 
+    def record_output(module, args, output):
+        layout = state._pending.pop(id(encoder), None)
+        hidden = output[0] if isinstance(output, (tuple, ModelOutput)) else None
+        if layout is not None and isinstance(hidden, Tensor) and hidden.shape[:2] == layout.valid.shape:
+            state._outputs[hidden] = layout
+
     original = inspect.signature(encoder.forward)
     first = next(iter(original.parameters))
+    output_type = spec.encoder_output or BaseModelOutput
 
     def forward(*args, **kwargs):
         hidden = args[0] if args else kwargs[first]
-        return BaseModelOutput(last_hidden_state=_run(state, tower, hidden))
+        return output_type(last_hidden_state=_run(state, tower, hidden))
 
-    handle = tower.module.register_forward_pre_hook(read_inputs, with_kwargs=True)
+    handles = [tower.module.register_forward_pre_hook(read_inputs, with_kwargs=True),
+               tower.module.register_forward_hook(record_output)]
     encoder.forward = forward
 
     def undo():
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         del encoder.forward   # the instance attribute: the class's forward shows through again
     state._undo.append(undo)
 
@@ -145,21 +179,48 @@ def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
     batch, n = hidden.shape[:2]
     valid = inputs.valid if inputs.valid is not None else \
         torch.ones(batch, n, dtype=torch.bool, device=hidden.device)
+    memory = None
+    if inputs.memory is not None:
+        memory = _memory(state, inputs, batch)
     plan = executor.BranchPlan(name=spec.branch, temperature=state.temperature.get(spec.branch),
                                prune_layers=(frozenset(state.config.prune_layers)
                                              if state.config.prune_layers is not None else None),
                                merge=state.config.merge_pruned, alignment=state.alignment,
                                layer_names=tower.layer_names, causal=spec.causal)
     rows, layout, record = executor.run_layers(tower.layers, spec.layer_fn, hidden, valid.to(hidden.device),
-                                               inputs.protected, plan, state.execution)
+                                               inputs.protected, plan, state.execution, memory)
     state.records[spec.branch] = record
     if spec.output == "compact":
-        from madtp_kernels import unpack
+        lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
+        valid = torch.arange(layout.max_len, device=lengths.device) < lengths[:, None]
+        state._pending[id(tower.encoder)] = OutputLayout(valid)
         return unpack(rows, layout.cu_seqlens, max_len=layout.max_len)
     out = rows.new_zeros(batch, n, rows.shape[-1])
-    keep = layout.positions >= 0
+    keep = layout.positions >= 0   # merged rows have no position: the output drops them
     sample = segment_ids(layout.cu_seqlens, layout.rows)
+    valid = torch.zeros(batch, n, dtype=torch.bool, device=out.device)
+    valid[sample[keep], layout.positions[keep]] = True
+    state._pending[id(tower.encoder)] = OutputLayout(valid)
     return out.index_put((sample[keep], layout.positions[keep]), rows[keep])
+
+
+def _memory(state: MADTPState, inputs: TowerInputs, batch: int) -> executor.Memory:
+    """What the tower's layers cross-attend to: the rows recorded for a tower output (BLIP's pruned image),
+    else the rows the caller's mask names (which is all HF's BLIP ever says: `image_atts` are ones)."""
+    x = inputs.memory
+    if x.dim() != 3 or x.shape[0] != batch:
+        raise ValueError(f"encoder_hidden_states: expected [{batch}, M, C] (the text batch), got {tuple(x.shape)}")
+    valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    given = inputs.memory_valid
+    if given is not None:
+        if given.shape != x.shape[:2]:
+            raise ValueError(f"encoder_attention_mask: expected {tuple(x.shape[:2])} (encoder_hidden_states' "
+                             f"batch and rows), got {tuple(given.shape)}")
+        valid = valid & given.to(x.device).bool()
+    layout = state.output_layout(x)
+    if layout is not None:
+        valid = valid & layout.valid
+    return executor.Memory(x, valid)
 
 
 def remove(model: nn.Module) -> nn.Module:

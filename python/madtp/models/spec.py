@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from torch import Tensor
 
@@ -12,6 +13,8 @@ class TowerInputs:
     """Read from the tower's own call: which tokens exist and which must survive pruning."""
     valid: Tensor | None = None       # bool [B, N]: tokens that exist (None: all)
     protected: Tensor | None = None   # bool [B, N]: tokens never dropped (besides each sample's first)
+    memory: Tensor | None = None      # [B, M, Cm]: states the layers cross-attend to (None: no cross-attention)
+    memory_valid: Tensor | None = None   # bool [B, M]: the memory rows that exist, as the caller says (None: all)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,32 @@ class TowerSpec:
     output: str                       # "compact": [B, L', C] kept rows (+ merged) from position 0, zero padded;
                                       # "positions": [B, N, C] kept rows at their input positions, zeros elsewhere
     causal: bool = False
+    not_inside: tuple = ()            # a tower_types module inside one of these (the model itself included) is
+                                      # not this tower and stays as it is
+    encoder_output: type | None = None   # what the replaced encoder forward returns (None: BaseModelOutput)
 
-    def matches(self, module) -> bool:
-        return isinstance(module, tuple(t for t in self.tower_types if t is not None))
+    def matches(self, module, ancestors=()) -> bool:
+        """`ancestors`: the modules that contain `module`, the model first."""
+        return isinstance(module, tuple(t for t in self.tower_types if t is not None)) \
+            and not any(isinstance(a, self.not_inside) for a in ancestors)
+
+
+@dataclass
+class OutputLayout:
+    """Which rows of a tower's output [B, L, C] are tokens, recorded for the modules that consume that output
+    (a cross-attention to the pruned image) although the model's own code sees a plain padded tensor."""
+    valid: Tensor                     # bool [B, L]: the rows that are tokens (kept or merged)
+
+    @cached_property
+    def padded(self) -> bool:
+        """Whether any row is not a token (one host sync, once)."""
+        return not bool(self.valid.all())
+
+
+@dataclass(frozen=True)
+class ModulePatch:
+    """A hook on modules outside the pruned towers, found by isinstance (e.g. a decoder's cross-attention to a
+    pruned image). install(module, lookup) -> an undo callable or None (nothing installed); lookup(tensor)
+    -> the OutputLayout recorded for a tower output, or None for any other tensor."""
+    module_type: type
+    install: Callable
