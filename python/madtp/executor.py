@@ -23,6 +23,7 @@ from madtp_kernels import AttentionStats, pack, unpack, varlen_attention
 
 from . import pruning
 from .pruning import Layout
+from .ragged import segment_ids
 
 
 @dataclass
@@ -30,6 +31,9 @@ class BranchRecord:
     """What one forward of a branch leaves behind for the loss and the reports."""
     pooled: Tensor | None = None                          # [B, K, d] alignment features summed over layers
     kept: dict[str, Tensor] = field(default_factory=dict)  # layer name -> rows per sample after that layer
+    # [B, C] per layer: the state of each sample's summary token after the layer (its protected token where it
+    # has one, CLIP text's EOT; else its first, CLS): what layer-wise distillation compares with the teacher
+    summaries: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -181,4 +185,19 @@ def run_layers(layers, layer_fn, x: Tensor, valid: Tensor, protected: Tensor | N
     for i, layer in enumerate(layers):
         ctx.layer = i
         h = layer_fn(layer, h, ctx)
+        record.summaries.append(summary_rows(ctx.rows(h), ctx.layout))
     return ctx.rows(h), ctx.layout, record
+
+
+def summary_rows(rows: Tensor, layout: Layout) -> Tensor:
+    """[B, C]: each sample's protected row if it has one, else its first row (zeros for an empty sample)."""
+    batch = layout.cu_seqlens.shape[0] - 1
+    starts = layout.cu_seqlens[:-1].long()
+    out = rows.new_zeros((batch, rows.shape[-1]))
+    nonempty = layout.cu_seqlens[1:] > layout.cu_seqlens[:-1]
+    out = out.index_copy(0, nonempty.nonzero().squeeze(1), rows[starts[nonempty]])
+    if bool(layout.protected.any()):
+        seg = segment_ids(layout.cu_seqlens, layout.rows)
+        index = layout.protected.nonzero().squeeze(1)
+        out = out.index_copy(0, seg[index], rows[index])
+    return out

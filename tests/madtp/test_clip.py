@@ -240,3 +240,21 @@ def test_sparsify_swaps_encoder_linears(clip):
     assert sum(isinstance(m, madtp_kernels.SparseLinear) for m in only_mlp.modules()) == 5 * 2
     with pytest.raises(ValueError, match="pattern"):
         madtp.sparsify(copy.deepcopy(clip), pattern="4:8")
+
+
+def test_layer_summaries_match_the_original_hidden_states(clip):
+    """What layer-wise distillation compares: per layer, vision CLS and text EOT states, as HF's hidden_states."""
+    model = copy.deepcopy(clip)
+    x = inputs()
+    ref = run(model, **x, output_hidden_states=True)
+    madtp.apply(model, madtp.MADTPConfig(num_alignment_tokens=4))
+    run(model, **x)
+    records = model.madtp.records
+    eot = (x["input_ids"] == EOS).int().argmax(-1)
+    vision_states = ref.vision_model_output.hidden_states[1:]
+    text_states = ref.text_model_output.hidden_states[1:]
+    assert len(records["vision"].summaries) == len(vision_states) == 3
+    for mine, theirs in zip(records["vision"].summaries, vision_states, strict=True):
+        torch.testing.assert_close(mine, theirs[:, 0], atol=1e-5, rtol=1e-5)
+    for mine, theirs in zip(records["text"].summaries, text_states, strict=True):
+        torch.testing.assert_close(mine, theirs[torch.arange(3), eot], atol=1e-5, rtol=1e-5)
