@@ -2,13 +2,39 @@
 
 Built on madtp_kernels: `apply` swaps token pruning into a model instance (executed on packed, ragged token sets),
 `remove` undoes it; see shared/DESIGN.md (Model-layer contract).
+
+Names load on first use: `import madtp.data` or `madtp.train` (and the torchrun workers that import them) do not
+pay for importing transformers.
 """
-from .config import MADTPConfig
-from .flops import count_flops
-from .patch import alignment_loss, apply, pruning_report, remove, set_execution, set_temperature
-from .weights import sparsify
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["MADTPConfig", "alignment_loss", "apply", "count_flops", "pruning_report", "remove", "set_execution",
-           "set_temperature", "sparsify"]
+_EXPORTS = {
+    "MADTPConfig": "config",
+    "alignment_loss": "patch",
+    "apply": "patch",
+    "count_flops": "flops",
+    "pruning_report": "patch",
+    "remove": "patch",
+    "set_execution": "patch",
+    "set_temperature": "patch",
+    "sparsify": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'madtp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

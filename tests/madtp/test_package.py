@@ -33,3 +33,14 @@ def _imported_roots(package_dir: pathlib.Path) -> set[str]:
 def test_kernels_know_nothing_of_models():
     roots = _imported_roots(pathlib.Path(madtp_kernels.__file__).parent)
     assert not roots & {"madtp", "transformers"}, roots
+
+
+def test_public_names_resolve_and_data_needs_no_transformers():
+    import subprocess
+    import sys
+
+    for name in madtp.__all__:
+        assert callable(getattr(madtp, name)), name
+    code = "import sys, madtp.data.shapes; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out
