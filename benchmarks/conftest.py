@@ -16,6 +16,12 @@ def pytest_report_header(config):
             f"batch {BATCH}{'' if ON_GPU else ' (scaled down on CPU; MADTP_BENCH_BATCH overrides)'}")
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    # What the report states beside the CPU model: threads timed with, torch version, GPU.
+    machine_info["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
+                             "gpu": torch.cuda.get_device_name() if ON_GPU else None}
+
+
 def record(benchmark, *, backend: str, bytes_moved: int, flops: int = 0, **extra) -> None:
     """What the report needs beside the time: device, backend, bytes and FLOPs the op must move and do."""
     benchmark.extra_info.update(device=str(DEVICE), backend=backend, bytes=bytes_moved, flops=flops, **extra)
