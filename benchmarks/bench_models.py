@@ -1,11 +1,13 @@
-"""Model level: CLIP vision towers, dense (the Hugging Face model as it is) vs MADTP token pruning executed ragged
-(packed tokens, varlen kernels) vs padded (each layer padded to the batch's longest sample and masked: what the
-published code runs), at three GFLOPs budgets, timed in the same run.
+"""Model level: CLIP vision towers and BLIP retrieval (ITM), dense (the Hugging Face model as it is) vs MADTP
+token pruning executed ragged (packed tokens, varlen kernels) vs padded (each layer padded to the batch's longest
+sample and masked: what the published code runs), at three GFLOPs budgets, timed in the same run.
 
 Weights are random (no CLIP weights can be downloaded here) and the images are real photos from scikit-image,
 cropped and flipped, so the samples of a batch differ as real ones do. Each budget's temperature is found by
 bisection on the GFLOPs that `madtp.count_flops` measures on the benchmark batch itself. On CPU the ViT-L tower
-keeps its real token count, width and heads but runs 6 of its 24 layers (stated in the report's group name).
+keeps its real token count, width and heads but runs 6 of its 24 layers, and BLIP-base (384 px: 577 image
+tokens; BERT-base text with cross-attention, 35 tokens) runs 3 of its 12 layers per branch (stated in the group
+names).
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU, record, run
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import BlipConfig, BlipForImageTextRetrieval, CLIPVisionConfig, CLIPVisionModel
 
 DTYPE = torch.float16 if ON_GPU else torch.float32
 BUDGETS = (0.7, 0.5, 0.3)   # target GFLOPs as a fraction of dense
+TEXT_TOKENS = 35             # BLIP's caption length
 
 
 @dataclass(frozen=True)
@@ -34,21 +37,43 @@ class Case:
     image: int
     patch: int
     batch: int
+    kind: str = "clip-vision"    # or "blip-retrieval" (image + 35-token text through the ITM head)
 
-    def config(self) -> CLIPVisionConfig:
-        return CLIPVisionConfig(hidden_size=self.width, intermediate_size=4 * self.width,
-                                num_hidden_layers=self.layers, num_attention_heads=self.heads,
-                                image_size=self.image, patch_size=self.patch)
+    def model(self) -> torch.nn.Module:
+        vision = dict(hidden_size=self.width, intermediate_size=4 * self.width, num_hidden_layers=self.layers,
+                      num_attention_heads=self.heads, image_size=self.image, patch_size=self.patch)
+        if self.kind == "clip-vision":
+            return CLIPVisionModel(CLIPVisionConfig(**vision))
+        text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=self.layers, num_attention_heads=12,
+                    encoder_hidden_size=self.width, vocab_size=30524)
+        return BlipForImageTextRetrieval(BlipConfig(vision_config=vision, text_config=text))
+
+    def inputs(self) -> dict:
+        pixels = photos(self.batch, self.image).to(DEVICE, DTYPE)
+        if self.kind == "clip-vision":
+            return dict(pixel_values=pixels)
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(8, TEXT_TOKENS + 1, (self.batch,), generator=g)
+        ids = torch.randint(1000, 30000, (self.batch, TEXT_TOKENS), generator=g)
+        mask = (torch.arange(TEXT_TOKENS) < lengths[:, None]).long()
+        return dict(pixel_values=pixels, input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), use_itm_head=True)
+
+    @property
+    def branch(self) -> str:
+        return "vision" if self.kind == "clip-vision" else "total"
 
     def prune_layers(self) -> tuple[int, ...]:
-        # every other layer from the second on: the schedule whose temperature range spans the three budgets
-        return tuple(range(1, self.layers, 2))
+        # every other layer from the second on (every layer of a cut-down tower): a schedule whose temperature
+        # range spans the three budgets
+        return tuple(range(1, self.layers, 2 if self.layers >= 12 else 1))
 
 
 CASES = [
     Case("clip-vit-b16", 768, 12, 12, 224, 16, 64 if ON_GPU else 8),
     Case("clip-vit-l14-336" + ("" if ON_GPU else "-6of24layers"), 1024, 24 if ON_GPU else 6, 16, 336, 14,
          32 if ON_GPU else 2),
+    Case("blip-base-retrieval-384" + ("" if ON_GPU else "-3of12layers"), 768, 12 if ON_GPU else 3, 12, 384, 16,
+         32 if ON_GPU else 2, kind="blip-retrieval"),
 ]
 
 
@@ -75,25 +100,25 @@ def photos(batch: int, size: int) -> torch.Tensor:
 @cache
 def setup(case: Case):
     torch.manual_seed(0)
-    model = CLIPVisionModel(case.config()).eval().to(DEVICE, DTYPE)
-    pixels = photos(case.batch, case.image).to(DEVICE, DTYPE)
-    dense = madtp.count_flops(model, pixel_values=pixels)["vision"]
+    model = case.model().eval().to(DEVICE, DTYPE)
+    inputs = case.inputs()
+    dense = madtp.count_flops(model, **inputs)[case.branch]
     pruned = madtp.apply(copy.deepcopy(model), madtp.MADTPConfig(prune_layers=case.prune_layers()))
-    return model, pruned, pixels, dense
+    return model, pruned, inputs, dense
 
 
 @cache
 def temperature(case: Case, budget: float) -> tuple[float, float]:
     """(temperature, measured GFLOPs fraction) closest to `budget`, by bisection on log(temperature)."""
-    _, pruned, pixels, dense = setup(case)
-    lo, hi = math.log(1e-2), math.log(1e1)
+    _, pruned, inputs, dense = setup(case)
+    lo, hi = math.log(1e-2), math.log(1e2)
     best = (1.0, float("inf"))
 
     def fraction(t):
-        madtp.set_temperature(pruned, vision=t)
-        return madtp.count_flops(pruned, pixel_values=pixels)["vision"] / dense
+        madtp.set_temperature(pruned, vision=t, text=t)
+        return madtp.count_flops(pruned, **inputs)[case.branch] / dense
 
-    for _ in range(6):   # more temperature prunes more
+    for _ in range(5):   # more temperature prunes more
         mid = (lo + hi) / 2
         f = fraction(math.exp(mid))
         if abs(f - budget) < abs(best[1] - budget):
@@ -107,37 +132,37 @@ IMPLS = ["dense"] + [f"madtp-{execution}@{b:.0%}" for b in BUDGETS for execution
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_clip_vision_tower(benchmark, case, impl):
-    model, pruned, pixels, dense = setup(case)
+def test_model(benchmark, case, impl):
+    model, pruned, inputs, dense = setup(case)
     benchmark.group = f"model {case.name}, batch {case.batch}, {str(DTYPE).removeprefix('torch.')}"
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if impl == "dense":
         record(benchmark, backend="dense", bytes_moved=param_bytes, flops=int(dense * 1e9 * case.batch),
                gflops_fraction=1.0, keep_fraction=1.0)
-        timed(benchmark, lambda: model(pixel_values=pixels))
+        timed(benchmark, lambda: model(**inputs))
         return
     execution, budget = impl.removeprefix("madtp-").split("@")
     t, fraction = temperature(case, float(budget.rstrip("%")) / 100)
-    madtp.set_temperature(pruned, vision=t)
+    madtp.set_temperature(pruned, vision=t, text=t)
     madtp.set_execution(pruned, execution)
-    pruned(pixel_values=pixels)
+    pruned(**inputs)
     report = madtp.pruning_report(pruned)
     tokens = (case.image // case.patch) ** 2 + 1
     # token-layers processed relative to dense: each layer runs on the rows the previous pruning layer left
     kept, rows = [], float(tokens)
     for i in range(case.layers):
         kept.append(rows)
-        name = f"encoder.layers.{i}"
-        if name in report:
+        name = next((n for n in report if n.endswith(f"encoder.layers.{i}") and "text" not in n), None)
+        if name is not None:
             rows = float(report[name].float().mean())
     record(benchmark, backend=impl, bytes_moved=param_bytes, flops=int(fraction * dense * 1e9 * case.batch),
            gflops_fraction=round(fraction, 4), keep_fraction=round(sum(kept) / (tokens * case.layers), 4),
            temperature=t, execution=execution, budget=float(budget.rstrip("%")) / 100)
-    timed(benchmark, lambda: pruned(pixel_values=pixels))
+    timed(benchmark, lambda: pruned(**inputs))
 
 
 def timed(benchmark, fn):
     """A model forward takes ~1 s on CPU: a fixed few rounds after a warm-up keep the suite within minutes."""
     if ON_GPU:
         return run(benchmark, fn)
-    return benchmark.pedantic(fn, rounds=3, warmup_rounds=1, iterations=1)
+    return benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
