@@ -14,6 +14,7 @@ is not recognised: there, the attention mask the caller gives is all there is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -61,7 +62,8 @@ class MADTPState(nn.Module):
         self._inputs: dict[int, TowerInputs] = {}
         self._pending: dict[int, OutputLayout] = {}   # encoder -> layout, until its tower's output is known
         self._outputs = WeakIdKeyDictionary()          # tower output tensor -> OutputLayout
-        self._undo: list = []
+        self._hooks: list[tuple[nn.Module, int]] = []   # (module, hook id) installed by apply
+        self._forwards: list[nn.Module] = []             # encoders whose forward apply replaced
         self._towers = towers
 
     def output_layout(self, tensor) -> OutputLayout | None:
@@ -132,45 +134,59 @@ def apply(model: nn.Module, config: MADTPConfig | None = None) -> nn.Module:
         _patch(state, tower)
     for module in model.modules():
         for patch in models.PATCHES:
-            if isinstance(module, patch.module_type):
-                undo = patch.install(module, state.output_layout)
-                if undo is not None:
-                    state._undo.append(undo)
+            target = patch.target(module) if isinstance(module, patch.module_type) else None
+            if target is not None:
+                _hook(state, target, functools.partial(patch.hook, state.output_layout), pre=True,
+                      with_kwargs=True)
     model.add_module(ATTRIBUTE, state)
     return model
 
 
+# Everything installed on the model is a functools.partial over (state, tower): copy.deepcopy of an applied
+# model copies those arguments with the model (one memo), so the copy's forwards and hooks are its own.
+
+def _read_inputs(state: MADTPState, tower: Tower, module, args, kwargs):
+    bound = _signature(tower.module).bind_partial(*args, **kwargs).arguments
+    state._inputs[id(tower.encoder)] = tower.spec.inputs(module, bound)
+
+
+def _record_output(state: MADTPState, tower: Tower, module, args, output):
+    layout = state._pending.pop(id(tower.encoder), None)
+    hidden = output[0] if isinstance(output, (tuple, ModelOutput)) else None
+    if layout is not None and isinstance(hidden, Tensor) and hidden.shape[:2] == layout.valid.shape:
+        state._outputs[hidden] = layout
+
+
+def _encoder_forward(state: MADTPState, tower: Tower, *args, **kwargs):
+    first = next(iter(_signature(tower.encoder).parameters))
+    hidden = args[0] if args else kwargs[first]
+    output_type = tower.spec.encoder_output or BaseModelOutput
+    return output_type(last_hidden_state=_run(state, tower, hidden))
+
+
+def _signature(module: nn.Module) -> inspect.Signature:
+    # the class's forward (an instance attribute may already replace it)
+    return inspect.signature(type(module).forward.__get__(module))
+
+
+def _hook(state: MADTPState, module: nn.Module, hook, *, pre: bool, with_kwargs: bool = False) -> None:
+    handle = (module.register_forward_pre_hook(hook, with_kwargs=with_kwargs) if pre
+              else module.register_forward_hook(hook))
+    state._hooks.append((module, handle.id))
+
+
 def _patch(state: MADTPState, tower: Tower) -> None:
-    spec, encoder = tower.spec, tower.encoder
-    signature = inspect.signature(tower.module.forward)
+    _hook(state, tower.module, functools.partial(_read_inputs, state, tower), pre=True, with_kwargs=True)
+    _hook(state, tower.module, functools.partial(_record_output, state, tower), pre=False)
+    tower.encoder.forward = functools.partial(_encoder_forward, state, tower)
+    state._forwards.append(tower.encoder)
 
-    def read_inputs(module, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        state._inputs[id(encoder)] = spec.inputs(module, bound)
 
-    def record_output(module, args, output):
-        layout = state._pending.pop(id(encoder), None)
-        hidden = output[0] if isinstance(output, (tuple, ModelOutput)) else None
-        if layout is not None and isinstance(hidden, Tensor) and hidden.shape[:2] == layout.valid.shape:
-            state._outputs[hidden] = layout
-
-    original = inspect.signature(encoder.forward)
-    first = next(iter(original.parameters))
-    output_type = spec.encoder_output or BaseModelOutput
-
-    def forward(*args, **kwargs):
-        hidden = args[0] if args else kwargs[first]
-        return output_type(last_hidden_state=_run(state, tower, hidden))
-
-    handles = [tower.module.register_forward_pre_hook(read_inputs, with_kwargs=True),
-               tower.module.register_forward_hook(record_output)]
-    encoder.forward = forward
-
-    def undo():
-        for handle in handles:
-            handle.remove()
-        del encoder.forward   # the instance attribute: the class's forward shows through again
-    state._undo.append(undo)
+def _unhook(module: nn.Module, hook_id: int) -> None:
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        hooks.pop(hook_id, None)
+    module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    module._forward_hooks_with_kwargs.pop(hook_id, None)
 
 
 def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
@@ -226,8 +242,10 @@ def _memory(state: MADTPState, inputs: TowerInputs, batch: int) -> executor.Memo
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: the original modules and forwards, and no `model.madtp`."""
     state = _state(model)
-    for undo in reversed(state._undo):
-        undo()
+    for module, hook_id in state._hooks:
+        _unhook(module, hook_id)
+    for encoder in state._forwards:
+        del encoder.forward   # the instance attribute: the class's forward shows through again
     delattr(model, ATTRIBUTE)
     return model
 

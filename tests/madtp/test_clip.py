@@ -258,3 +258,19 @@ def test_layer_summaries_match_the_original_hidden_states(clip):
         torch.testing.assert_close(mine, theirs[:, 0], atol=1e-5, rtol=1e-5)
     for mine, theirs in zip(records["text"].summaries, text_states, strict=True):
         torch.testing.assert_close(mine, theirs[torch.arange(3), eot], atol=1e-5, rtol=1e-5)
+
+
+def test_deepcopy_of_an_applied_model_is_independent(clip):
+    model = madtp.apply(copy.deepcopy(clip), pruning())
+    x = inputs()
+    expected = run(model, **x).logits_per_image
+    twin = copy.deepcopy(model)
+    model.madtp.records.clear()
+    torch.testing.assert_close(run(twin, **x).logits_per_image, expected, atol=0, rtol=0)
+    assert not model.madtp.records and set(twin.madtp.records) == {"vision", "text"}
+    madtp.set_temperature(twin, vision=None, text=None)
+    madtp.remove(twin)
+    assert all("forward" not in vars(m) for m in twin.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in twin.modules())
+    torch.testing.assert_close(run(model, **x).logits_per_image, expected, atol=0, rtol=0)   # untouched
+    assert madtp.pruning_report(model)

@@ -82,28 +82,26 @@ def _text_inputs(tower, bound: dict) -> TowerInputs:
     return TowerInputs(valid=masks["attention_mask"], memory=memory, memory_valid=masks["encoder_attention_mask"])
 
 
-def _mask_cross_attention(layer: hf_text.BlipTextLayer, lookup):
-    """A pre-hook on the layer's cross-attention: handed a recognised tower output with padding rows (a pruned
-    image), it masks them out with an additive encoder_attention_mask; any other call is left as it is. Works
-    step by step under the KV cache: the cached keys have the image's rows, and the mask is rebuilt each call
-    from the `encoder_hidden_states` that generate passes again (beam search expands it: not recognised)."""
+def _cross_attention(layer: hf_text.BlipTextLayer):
     cross = getattr(layer, "crossattention", None)
-    if cross is None:
+    return cross.self if cross is not None else None
+
+
+def _mask_cross_attention(lookup, module, args, kwargs):
+    """A pre-hook on a decoder layer's cross-attention: handed a recognised tower output with padding rows (a
+    pruned image), it masks them out with an additive encoder_attention_mask; any other call is left as it is.
+    Works step by step under the KV cache: the cached keys have the image's rows, and the mask is rebuilt each
+    call from the `encoder_hidden_states` that generate passes again (beam search expands it: not recognised).
+    BlipTextAttention passes everything but hidden_states by keyword."""
+    layout = lookup(kwargs.get("encoder_hidden_states"))
+    if layout is None or not layout.padded:
         return None
-
-    def hook(module, args, kwargs):   # BlipTextAttention passes everything but hidden_states by keyword
-        layout = lookup(kwargs.get("encoder_hidden_states"))
-        if layout is None or not layout.padded:
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        keep = layout.valid.to(hidden.device)[:, None, None, :]
-        given = kwargs.get("encoder_attention_mask")
-        base = given if given is not None and given.is_floating_point() else \
-            torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device)
-        return args, {**kwargs, "encoder_attention_mask": base.masked_fill(~keep, torch.finfo(base.dtype).min)}
-
-    handle = cross.self.register_forward_pre_hook(hook, with_kwargs=True)
-    return handle.remove
+    hidden = args[0] if args else kwargs["hidden_states"]
+    keep = layout.valid.to(hidden.device)[:, None, None, :]
+    given = kwargs.get("encoder_attention_mask")
+    base = given if given is not None and given.is_floating_point() else \
+        torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device)
+    return args, {**kwargs, "encoder_attention_mask": base.masked_fill(~keep, torch.finfo(base.dtype).min)}
 
 
 VISION = TowerSpec(branch="vision", tower_types=(hf.BlipVisionModel,), encoder_type=hf.BlipEncoder,
@@ -115,4 +113,4 @@ TEXT = TowerSpec(branch="text", tower_types=(hf_text.BlipTextModel,), encoder_ty
 
 SPECS = (VISION, TEXT)
 MODELS = (hf.BlipForImageTextRetrieval, hf.BlipForQuestionAnswering, hf.BlipForConditionalGeneration)
-PATCHES = (ModulePatch(hf_text.BlipTextLayer, _mask_cross_attention),)
+PATCHES = (ModulePatch(hf_text.BlipTextLayer, _cross_attention, _mask_cross_attention),)

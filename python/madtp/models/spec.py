@@ -53,8 +53,9 @@ class OutputLayout:
 
 @dataclass(frozen=True)
 class ModulePatch:
-    """A hook on modules outside the pruned towers, found by isinstance (e.g. a decoder's cross-attention to a
-    pruned image). install(module, lookup) -> an undo callable or None (nothing installed); lookup(tensor)
-    -> the OutputLayout recorded for a tower output, or None for any other tensor."""
+    """A pre-hook on modules outside the pruned towers, found by isinstance (e.g. a decoder's cross-attention to
+    a pruned image). target(module) -> the submodule to hook, or None; hook(lookup, module, args, kwargs) is
+    registered with_kwargs, where lookup(tensor) -> the OutputLayout recorded for a tower output, or None."""
     module_type: type
-    install: Callable
+    target: Callable
+    hook: Callable
