@@ -246,13 +246,19 @@ def test_layer_summaries_match_the_original_hidden_states(clip):
     """What layer-wise distillation compares: per layer, vision CLS and text EOT states, as HF's hidden_states."""
     model = copy.deepcopy(clip)
     x = inputs()
-    ref = run(model, **x, output_hidden_states=True)
+    # each layer's output, read by hooks (transformers 5.0 returns no hidden_states here)
+    states = {"vision": [], "text": []}
+    hooks = [layer.register_forward_hook(lambda m, a, out, key=key: states[key].append(out))
+             for key, tower in (("vision", model.vision_model), ("text", model.text_model))
+             for layer in tower.encoder.layers]
+    run(model, **x)
+    for hook in hooks:
+        hook.remove()
+    vision_states, text_states = states["vision"], states["text"]
     madtp.apply(model, madtp.MADTPConfig(num_alignment_tokens=4))
     run(model, **x)
     records = model.madtp.records
     eot = (x["input_ids"] == EOS).int().argmax(-1)
-    vision_states = ref.vision_model_output.hidden_states[1:]
-    text_states = ref.text_model_output.hidden_states[1:]
     assert len(records["vision"].summaries) == len(vision_states) == 3
     for mine, theirs in zip(records["vision"].summaries, vision_states, strict=True):
         torch.testing.assert_close(mine, theirs[:, 0], atol=1e-5, rtol=1e-5)
