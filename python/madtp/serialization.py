@@ -27,6 +27,12 @@ from .patch import ATTRIBUTE, MADTPState, apply, set_execution
 FORMAT = "madtp-compressed/1"
 
 
+def _heads() -> dict[str, type]:
+    """Task heads a task attaches to a model (top-level children), rebuilt by class name on load: an allowlist."""
+    from .tasks.matching import ClipMatchingHead
+    return {cls.__name__: cls for cls in (ClipMatchingHead,)}
+
+
 def _model_class(config) -> type:
     names = list(getattr(config, "architectures", None) or [])
     for cls in models.MODELS:
@@ -49,6 +55,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "format": FORMAT,
         "model_class": type(model).__name__,
         "sparse_layers": sorted(n for n, m in model.named_modules() if isinstance(m, SparseLinear)),
+        "heads": {name: type(m).__name__ for name, m in model.named_children()
+                  if type(m).__name__ in _heads() and isinstance(m, _heads()[type(m).__name__])},
         "madtp": None if not isinstance(state, MADTPState) else {
             "config": dataclasses.asdict(state.config), "temperature": state.temperature,
             "execution": state.execution},
@@ -93,6 +101,11 @@ def load(directory: str | os.PathLike) -> nn.Module:
         except json.JSONDecodeError as e:
             raise ValueError(f"{directory / 'madtp.json'}: malformed JSON ({e})") from e
     model = cls(config)
+    for name, head in meta.get("heads", {}).items():
+        if head not in _heads():
+            raise ValueError(f"{directory / 'madtp.json'}: head {name!r} of unknown class {head!r} "
+                             f"(known: {sorted(_heads())})")
+        model.add_module(name, _heads()[head]())
     for name in meta.get("sparse_layers", []):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -51,3 +51,12 @@ def test_dense_round_trip_and_bad_directories(clip, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         serialization.save(clip, tmp_path / "file")
+
+
+def test_task_heads_round_trip(clip, tmp_path):
+    from madtp.tasks import ImageTextMatching
+
+    model = ImageTextMatching().prepare(copy.deepcopy(clip))
+    model.matching_head.bias.data.fill_(0.25)
+    loaded = serialization.load(serialization.save(model, tmp_path / "m"))
+    assert float(loaded.matching_head.bias) == 0.25
