@@ -32,8 +32,8 @@ only). A resume with no checkpoint yet starts from step 0. With several targets 
 <output_dir>/target-<t>/ (model, checkpoints, metrics.jsonl); one report and one plot cover them all.
 
 Timings are labelled with the device they were taken on ("CPU" or "GPU (<name>)"): CPU numbers say nothing about
-the GPU kernels. One process: the Trainer runs under torchrun, but the measurements and writes here are not
-rank-aware yet.
+the GPU kernels. Under torchrun the Trainer runs DDP; every rank measures (the same figures), rank 0 alone
+writes the model and the report.
 """
 from __future__ import annotations
 
@@ -691,7 +691,10 @@ def _compress_one(model, teacher, task, train_dataset, collate_fn, eval_batches,
     executions = ("padded", "ragged")
     measurement = measure(model, task, eval_batches, f"compressed (target {target:g})",
                           latency_inputs=latency_batch, repeats=config.latency_repeats, executions=executions)
-    model_dir = save(model, run_dir / MODEL_DIR)
+    model_dir = run_dir / MODEL_DIR
+    if _is_main():   # under torchrun every rank holds the same model: one writes it
+        save(model, model_dir)
+    _barrier()
     temperatures = dict(getattr(model, ATTRIBUTE).temperature)
     budget = (1 - target) * dense.gflops["total"]
     achieved = 1 - measurement.gflops["total"] / dense.gflops["total"]
@@ -784,9 +787,10 @@ def compress(model: nn.Module, task, train_dataset, eval_data, config: CompressC
     if config.weight_sparsity not in (None, ACCELERATED):
         report["notes"].append(f"weight sparsity {config.weight_sparsity}: no hardware runs it faster than dense; its "
                                "GFLOPs count as dense and the model holds it as masked dense Linear layers")
-    paths = write_report(report, out)
+    paths = write_report(report, out) if _is_main() else _report_paths(out)
+    _barrier()
     table = format_table(report)
-    if verbose:
+    if verbose and _is_main():
         print(table, flush=True)
     return CompressResult(dense, results, out, paths["json"], paths["md"], paths["png"], metric_name, table)
 
@@ -899,10 +903,24 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _is_main() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _report_paths(out: Path) -> dict[str, Path]:
+    return {"json": out / REPORT_JSON, "md": out / REPORT_MD, "png": out / PLOT_PNG}
+
+
 def write_report(report: dict, output_dir: str | os.PathLike) -> dict[str, Path]:
     """report.json, report.md and accuracy_vs_gflops.png in output_dir."""
     out = Path(output_dir)
-    paths = {"json": out / REPORT_JSON, "md": out / REPORT_MD, "png": out / PLOT_PNG}
+    paths = _report_paths(out)
     _atomic_write(paths["json"], json.dumps(report, indent=2, default=_json_default))
     _atomic_write(paths["md"], _markdown(report))
     tmp = out / f".{PLOT_PNG}.tmp.png"
