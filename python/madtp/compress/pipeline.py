@@ -798,9 +798,12 @@ def compress(model: nn.Module, task, train_dataset, eval_data, config: CompressC
 # ------------------------------------------------------------------ reporting
 
 def primary_metric(metric: dict[str, float]) -> str:
-    """The metric the plot and the table lead with: accuracy, else the mean of the two recalls, else the first."""
+    """The metric the plot and the table lead with: accuracy; else retrieval among the true caption and its hard
+    negatives; else the mean of the two in-batch recalls; else the first."""
     if "accuracy" in metric:
         return "accuracy"
+    if "hard_negative_acc" in metric:
+        return "hard_negative_acc"
     if "i2t_r1" in metric and "t2i_r1" in metric:
         return "r1_mean"
     return next(iter(metric), "")
