@@ -17,6 +17,7 @@ with `allow_unaccelerated=True`, and `export_sparse` refuses them.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -27,9 +28,9 @@ from torch.nn.utils import parametrize
 from madtp_kernels import SparseLinear, prune_2to4
 
 from ..patch import find_towers
+from ..weights import GROUP, encoder_linears, prunable
 
 ACCELERATED = "2:4"
-GROUP = 8          # as madtp.weights.sparsify: the packed 2:4 format needs in_features % 8 == 0
 TAG = "_madtp_nm_pattern"   # set by one_shot on the layers it pruned (plain attribute: survives deepcopy)
 
 __all__ = ["NMSparsity", "nm_mask", "prepare_sparse_training", "one_shot", "export_sparse", "sparsity_report"]
@@ -108,25 +109,13 @@ def _sparsity_of(module: nn.Module) -> NMSparsity | None:
 def _tower_linears(model: nn.Module, filter_fn, m: int):
     """(parent, child name, fqn, child) for the plain nn.Linear layers HWP prunes (madtp.weights.sparsify's
     selection: inside the encoder towers, in_features a multiple of 8 (and of M), filter_fn(module, fqn))."""
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn: expected a callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
-    towers = find_towers(model)
-    if not towers:
-        raise ValueError(f"model: no encoder towers found in {type(model).__name__}")
     found = []
-    for tower in towers:
-        prefix = f"{tower.name}." if tower.name else ""
-        for name, module in tower.module.named_modules():
-            for child_name, child in module.named_children():
-                fqn = f"{prefix}{name}.{child_name}" if name else f"{prefix}{child_name}"
-                if not isinstance(child, nn.Linear):
-                    continue
-                if _sparsity_of(child) is not None:
-                    raise ValueError(f"model: {fqn} already has an N:M parametrization "
-                                     "(prepare_sparse_training was called already)")
-                if type(child) is nn.Linear and child.in_features % GROUP == 0 and child.in_features % m == 0 \
-                        and (filter_fn is None or filter_fn(child, fqn)):
-                    found.append((module, child_name, fqn, child))
+    for module, child_name, fqn, child in encoder_linears(model, filter_fn):
+        if _sparsity_of(child) is not None:
+            raise ValueError(f"model: {fqn} already has an N:M parametrization "
+                             "(prepare_sparse_training was called already)")
+        if prunable(child, fqn, filter_fn, math.lcm(GROUP, m)):
+            found.append((module, child_name, fqn, child))
     return found
 
 
