@@ -103,7 +103,8 @@ def test_config_validation():
     for kwargs, match in [({"image_size": 8}, "image_size"), ({"max_objects": 3}, "max_objects"),
                           ({"seed": -1}, "seed"), ({"shapes": ("circle", "hexagon")}, "shapes"),
                           ({"colours": ()}, "colours"), ({"small": (0.2, 0.3)}, "small, large"),
-                          ({"crop": (0.0, 0.5)}, "crop")]:
+                          ({"crop": (0.0, 0.5)}, "crop"), ({"grid": 7}, "grid"),
+                          ({"grid": 16, "large": (0.4, 0.45)}, "grid")]:
         with pytest.raises(ValueError, match=match):
             S.ShapesConfig(**kwargs)
     with pytest.raises(ValueError, match="n: expected"):
@@ -155,6 +156,22 @@ def test_relations_and_sizes_are_true_of_the_pixels(batch):
                     "above": r1a < r0b and cols_overlap, "below": r1b < r0a and cols_overlap}
         assert expected[scene.relation], (scene, boxes)
         assert not any(v for k, v in expected.items() if k != scene.relation), (scene, boxes)
+
+
+def test_grid_snaps_boxes_to_whole_cells_and_keeps_relations_true():
+    cfg = S.ShapesConfig(image_size=64, grid=8, small=(0.25, 0.25), large=(0.375, 0.375), shapes=("circle", "cross"))
+    b = S.generate(200, cfg, seed=3)
+    sides = set()
+    for caption, scene in zip(b.captions, b.scenes, strict=True):
+        assert S.holds(caption, scene)
+        for o in scene.objects:
+            assert o.x % 8 == 0 and o.y % 8 == 0 and 0 <= o.x <= 64 - o.side and 0 <= o.y <= 64 - o.side
+            assert o.side == (16 if o.size == "small" else 24)
+            sides.add(o.side)
+        if scene.relation:
+            assert S.spatial_relation(*scene.objects) == scene.relation
+    assert sides == {16, 24}
+    assert {len(s.objects) for s in b.scenes} == {1, 2}
 
 
 def test_object_pixels_have_the_named_colour(batch):

@@ -128,6 +128,7 @@ class ShapesConfig:
     background_contrast: tuple[float, float] = (0.3, 0.5)
     colour_jitter: int = 12                            # per-channel uniform jitter of an object's colour
     swap_negatives: bool = True                        # may state the inverse relation as the swapped sentence
+    grid: int = 0                                      # > 0: object boxes snap to a grid of this many pixels
 
     def __post_init__(self):
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 16:
@@ -152,6 +153,16 @@ class ShapesConfig:
             _check_range(name, getattr(self, name))
         if self.crop[0] <= 0:
             raise ValueError(f"crop: expected a low bound > 0, got {self.crop!r}")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 0 \
+                or (self.grid and self.image_size % self.grid):
+            raise ValueError(f"grid: expected an int >= 0 dividing image_size={self.image_size}, got {self.grid!r}")
+        if self.grid and self.max_objects == 2:
+            cells = self.image_size // self.grid
+            big = max(1, round(self.large[1] * self.image_size / self.grid))
+            gap = math.ceil(max(1, round(self.min_gap * self.image_size)) / self.grid)
+            if 2 * big + gap > cells:
+                raise ValueError(f"grid: two large objects ({big} cells) and the gap ({gap}) do not fit in "
+                                 f"{cells} cells; use a smaller grid or smaller objects, got grid={self.grid}")
         if not isinstance(self.colour_jitter, int) or not 0 <= self.colour_jitter <= 40:
             raise ValueError(f"colour_jitter: expected an int in [0, 40], got {self.colour_jitter!r}")
 
@@ -399,15 +410,14 @@ def _background(rng: np.random.Generator, cfg: ShapesConfig, name: str) -> np.nd
     return low + contrast * img
 
 
-def _place(rng, cfg: ShapesConfig, sides, relation):
-    """Top-left corners (x, y) of the objects' boxes, the relation true of objects[0] to objects[1]."""
-    H = cfg.image_size
+def _place(rng, H: int, gap: int, sides, relation):
+    """Top-left corners (x, y) of the objects' boxes in an H x H image, the relation true of objects[0] to
+    objects[1] with at least ``gap`` between the boxes."""
     if relation is None:
         return [(int(rng.integers(0, H - s + 1)), int(rng.integers(0, H - s + 1))) for s in sides]
     horizontal = relation in ("left of", "right of")
     first_low = relation in ("left of", "above")        # objects[0] has the smaller column / row
     s_lo, s_hi = (sides[0], sides[1]) if first_low else (sides[1], sides[0])
-    gap = max(1, round(cfg.min_gap * H))
     while True:
         lo = int(rng.integers(0, H - s_lo - s_hi - gap + 1))
         hi = int(rng.integers(lo + s_lo + gap, H - s_hi + 1))
@@ -431,7 +441,14 @@ def _sample_scene(rng: np.random.Generator, cfg: ShapesConfig) -> Scene:
             break
     sides = [max(3, round(rng.uniform(*(cfg.small if s.size == "small" else cfg.large)) * H)) for s in specs]
     relation = RELATIONS[rng.integers(len(RELATIONS))] if n_objects == 2 else None
-    corners = _place(rng, cfg, sides, relation)
+    gap = max(1, round(cfg.min_gap * H))
+    if cfg.grid:   # place and size in whole grid cells
+        g = cfg.grid
+        cells = [max(1, round(s / g)) for s in sides]
+        corners = [(x * g, y * g) for x, y in _place(rng, H // g, math.ceil(gap / g), cells, relation)]
+        sides = [c * g for c in cells]
+    else:
+        corners = _place(rng, H, gap, sides, relation)
     background = cfg.backgrounds[rng.integers(len(cfg.backgrounds))]
     objects = tuple(SceneObject(s.shape, s.colour, s.size, x, y, side)
                     for s, (x, y), side in zip(specs, corners, sides, strict=True))
