@@ -26,6 +26,7 @@ from madtp.compress import (
 )
 from madtp.compress.budget import CostModel
 from madtp.compress.hwp import NMSparsity, nm_mask
+from madtp.compress.pipeline import CompressConfig
 from madtp.train import TrainConfig, Trainer
 from test_clip import inputs, tiny_config
 from torch import nn
@@ -288,6 +289,16 @@ def test_unreachable_target_raises(target):
     table = synthetic_table()   # the least: vision t=2 + text t=2 = 5.5 of 10, a 0.45 reduction
     with pytest.raises(ValueError, match=r"target_gflops_reduction.*best reachable.* 0\.4500"):
         split_budget(table, target, weight_sparsity=None)
+
+
+def test_unreachable_closest_takes_the_deepest_reduction():
+    table = synthetic_table()
+    assert split_budget(table, 0.5, weight_sparsity=None, unreachable="closest") == {"vision": 2.0, "text": 2.0}
+    assert split_budget(table, 0.1, weight_sparsity=None, unreachable="closest") == {"vision": None, "text": 1.0}
+    with pytest.raises(ValueError, match="unreachable"):
+        split_budget(table, 0.5, unreachable="skip")
+    with pytest.raises(ValueError, match="unreachable"):
+        CompressConfig(unreachable="skip")
 
 
 @pytest.fixture(scope="module")

@@ -380,12 +380,16 @@ def _gflops(entry_by_branch: dict[str, SensitivityEntry], table: SensitivityTabl
 
 
 def split_budget(table: SensitivityTable, target_gflops_reduction: float, dense_gflops: float | None = None,
-                 weight_sparsity: str | None = "2:4") -> dict[str, float | None]:
+                 weight_sparsity: str | None = "2:4", unreachable: str = "error") -> dict[str, float | None]:
     """{"vision": t_v, "text": t_t} (None: that branch unpruned) from the table's grid whose GFLOPs are at most
     (1 - target_gflops_reduction) * dense_gflops with the smallest summed loss increase (ties: the cheaper).
 
     dense_gflops: the reference (default: the table's dense model, dense weights). weight_sparsity "2:4": the
-    eligible Linear layers run 2:4 and count at half, so the token pruning only delivers the rest."""
+    eligible Linear layers run 2:4 and count at half, so the token pruning only delivers the rest.
+    unreachable: "error" (ValueError naming the best reachable reduction) or "closest" (the grid's cheapest
+    choice: the deepest reduction the grid reaches)."""
+    if unreachable not in ("error", "closest"):
+        raise ValueError(f"unreachable: expected 'error' or 'closest', got {unreachable!r}")
     if weight_sparsity not in WEIGHT_SPARSITY:
         raise ValueError(f"weight_sparsity: expected '2:4' or None, got {weight_sparsity!r}")
     if isinstance(target_gflops_reduction, bool) or not isinstance(target_gflops_reduction, (int, float)) \
@@ -397,16 +401,20 @@ def split_budget(table: SensitivityTable, target_gflops_reduction: float, dense_
     factor = WEIGHT_SPARSITY[weight_sparsity]
     budget = (1.0 - target_gflops_reduction) * reference
     options = {b: [table.dense] + table.entries[b] for b in table.branches}
-    best, best_reduction = None, -math.inf
+    best, best_reduction, cheapest = None, -math.inf, None
     for combo in itertools.product(*options.values()):
         choice = dict(zip(table.branches, combo, strict=True))
         gflops = _gflops(choice, table, factor)
         best_reduction = max(best_reduction, 1.0 - gflops / reference)
+        if cheapest is None or gflops < cheapest[0]:
+            cheapest = (gflops, choice)
         if gflops > budget * (1 + 1e-12):
             continue
         key = (sum(e.loss - table.dense.loss for e in combo), gflops)
         if best is None or key < best[0]:
             best = (key, choice)
+    if best is None and unreachable == "closest" and cheapest is not None:
+        best = (None, cheapest[1])
     if target_gflops_reduction >= 1 or best is None:
         raise ValueError(f"target_gflops_reduction: {target_gflops_reduction} cannot be met; the best reachable "
                          f"with this grid is {best_reduction:.4f} (weight_sparsity={weight_sparsity!r}, "

@@ -12,7 +12,7 @@ on a copy of it each):
  2. `madtp.apply` (pruning off), `measure_sensitivity` on calibration batches of the training set (batches of
     different sizes, so the cost model is pinned down) over the temperature grid, `split_budget` relative to
     the dense model's GFLOPs with the 2:4 credit when weight sparsity is 2:4. A target the grid cannot meet is
-    refused here, the best reachable reduction named.
+    refused here, the best reachable reduction named (with unreachable="closest": replaced by it).
  3. Per-branch GFLOPs targets: the grid point split_budget chose lies at or under the budget; the slack is
     handed back to the pruned branches (in proportion to what each saves), so the model lands on the budget
     rather than on the grid point below it, and each start temperature is interpolated (in log T) to its target.
@@ -116,6 +116,9 @@ class CompressConfig:
     settle_steps             no-grad training-mode forwards after training, over which the controller settles the
                              temperatures on the final weights (0: none)
     latency_repeats          timed forwards per latency figure (the median is reported; one warm-up before)
+    unreachable              a target beyond what the grid reaches: "error" (ValueError naming the best reachable
+                             reduction) or "closest" (compress to the deepest reachable reduction, said in the log;
+                             the report's gflops_vs_budget then exceeds 1)
     train                    the TrainConfig (its output_dir is replaced by compress's output_dir); None: defaults
     """
     target_gflops_reduction: float | tuple[float, ...] = 0.5
@@ -138,6 +141,7 @@ class CompressConfig:
     controller_ki: float = 0.3
     settle_steps: int = 8
     latency_repeats: int = 5
+    unreachable: str = "error"
     train: TrainConfig | None = None
 
     def __post_init__(self):
@@ -176,6 +180,8 @@ class CompressConfig:
         _number("kd_temperature", self.kd_temperature, 0.0, lo_open=True)
         _int("settle_steps", self.settle_steps, 0)
         _int("latency_repeats", self.latency_repeats, 1)
+        if self.unreachable not in ("error", "closest"):
+            raise ValueError(f"unreachable: expected 'error' or 'closest', got {self.unreachable!r}")
         if self.train is not None and not isinstance(self.train, TrainConfig):
             raise ValueError(f"train: expected a madtp.train.TrainConfig or None, got {type(self.train).__name__}")
 
@@ -649,7 +655,8 @@ def _compress_one(model, teacher, task, train_dataset, collate_fn, eval_batches,
                   f"{len(calib)} calibration batches")
     table = measure_sensitivity(model, calib, config.temperatures, lambda m, b: task.loss(m, _main_pass(b))["loss"])
     try:
-        temps = split_budget(table, target, dense_gflops=dense_calib, weight_sparsity=config.budget_sparsity)
+        temps = split_budget(table, target, dense_gflops=dense_calib, weight_sparsity=config.budget_sparsity,
+                             unreachable=config.unreachable)
     except ValueError as e:
         raise ValueError(f"{e}; lower the target, widen the temperature grid or prune more layers") from None
     budget_calib = (1 - target) * dense_calib
@@ -705,6 +712,10 @@ def _compress_one(model, teacher, task, train_dataset, collate_fn, eval_batches,
         _say(verbose, f"target {target:g}: {1 - ratio:.1%} under the budget: the token pruning cannot spend less "
                       "(at the grid's lowest temperature the pruned branches already drop more; see the "
                       "sensitivity table in report.json), or 2:4 alone exceeds the target")
+    elif ratio > 1 + TOLERANCE and config.unreachable == "closest":
+        _say(verbose, f"target {target:g}: {ratio - 1:.1%} over the budget: beyond what token pruning can reach "
+                      "with this model and grid, compressed to the deepest reachable reduction instead "
+                      "(unreachable='closest')")
     elif ratio > 1 + TOLERANCE:
         _say(verbose, f"target {target:g}: {ratio - 1:.1%} over the budget on the eval data (the controller held "
                       "it on the training batches); more --settle-steps or a higher target may help")
