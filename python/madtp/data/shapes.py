@@ -30,7 +30,8 @@ would give the negatives away).
 
 Public API::
 
-    ShapesConfig(image_size=64, min_objects=1, max_objects=2, seed=0, shapes=SHAPES, colours=COLOURS, ...)
+    ShapesConfig(image_size=64, min_objects=1, max_objects=2, seed=0, shapes=SHAPES, colours=COLOURS, ...,
+                 grid=0)                               grid > 0: object boxes snap to whole cells of grid px
     ObjectSpec(size, colour, shape)                     .phrase -> "a small red circle"
     Description(objects: tuple[ObjectSpec, ...], relation: str | None)
         .caption, .swapped(), .restatements()
