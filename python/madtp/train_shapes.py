@@ -140,8 +140,7 @@ class PatchLabelled(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        item = self.dataset[i]
-        sample = self.dataset.sample(i)
+        item, sample = self.dataset.item_and_sample(i)
         p = self.patch_size
         m = sample.masks.float()                                       # [objects, H, W]
         g = m.shape[-1] // p

@@ -683,14 +683,18 @@ class ShapesDataset(torch.utils.data.Dataset):
     def scene(self, i: int) -> Scene:
         return _sample_scene(_rng(self.seed, self._index(i), _SCENE_STREAM), self.config)
 
-    def __getitem__(self, i):
+    def item_and_sample(self, i) -> tuple[dict, ShapesSample]:
+        """Item ``i`` and the sample it was made from (scene, masks), rendered once."""
         i = self._index(i)
         s = make_sample(i, self.config, self.seed)
         item = {"pixel_values": normalize(s.image), "caption": s.caption, "index": i}
         if self.num_negatives:
             item["negatives"] = hard_negatives(s.scene, self.num_negatives, _rng(self.seed, i, _NEGATIVE_STREAM),
                                                self.config)
-        return item
+        return item, s
+
+    def __getitem__(self, i):
+        return self.item_and_sample(i)[0]
 
 
 class ShapesMatchingDataset(ShapesDataset):
