@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 DEFAULT_TARGETS = (0.5, 0.8)
-# Wider than the pipeline's default grid at both ends: this 4-layer model prunes in every layer, so the lowest
-# default temperature already overshoots 50% and the highest falls just short of 80%.
+# Wider than the pipeline's default grid at both ends, so the search covers the whole range the threshold moves
+# over on this 4-layer model (measured: even 1e-4 prunes past 50% fewer GFLOPs, and from 1e2 to 1e4 the
+# reduction only creeps from 0.7897 to 0.790: 80% is out of reach, hence unreachable="closest").
 TEMPERATURES = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1e3, 1e4)
 FINE_TUNE_SEED = 30_000_003   # the generated fine-tuning data: seeds the shipped model was not trained on
 
