@@ -148,11 +148,11 @@ class PatchLabelled(torch.utils.data.Dataset):
         best, which = cover.max(dim=0)
         labels = torch.zeros(len(self.vocab), g * g, dtype=torch.long)
         scene = sample.scene
-        for j, o in enumerate(scene.objects):
+        for j, (o, role) in enumerate(zip(scene.objects, roles(scene.description), strict=True)):
             on = (which == j) & (best >= self.min_cover)
             for a, (field, words) in enumerate(zip(self.FIELDS, self.vocab, strict=False)):
                 labels[a, on] = words.index(getattr(o, field)) + 1
-            labels[3, on] = roles(scene.description)[j]
+            labels[len(self.FIELDS), on] = role
         item["patch_labels"] = labels
         return item
 

@@ -401,11 +401,10 @@ def split_budget(table: SensitivityTable, target_gflops_reduction: float, dense_
     factor = WEIGHT_SPARSITY[weight_sparsity]
     budget = (1.0 - target_gflops_reduction) * reference
     options = {b: [table.dense] + table.entries[b] for b in table.branches}
-    best, best_reduction, cheapest = None, -math.inf, None
+    best, cheapest = None, None
     for combo in itertools.product(*options.values()):
         choice = dict(zip(table.branches, combo, strict=True))
         gflops = _gflops(choice, table, factor)
-        best_reduction = max(best_reduction, 1.0 - gflops / reference)
         if cheapest is None or gflops < cheapest[0]:
             cheapest = (gflops, choice)
         if gflops > budget * (1 + 1e-12):
@@ -416,6 +415,7 @@ def split_budget(table: SensitivityTable, target_gflops_reduction: float, dense_
     if best is None and unreachable == "closest" and cheapest is not None:
         best = (None, cheapest[1])
     if target_gflops_reduction >= 1 or best is None:
+        best_reduction = 1.0 - cheapest[0] / reference
         raise ValueError(f"target_gflops_reduction: {target_gflops_reduction} cannot be met; the best reachable "
                          f"with this grid is {best_reduction:.4f} (weight_sparsity={weight_sparsity!r}, "
                          f"temperatures {table.temperatures})")
