@@ -2,6 +2,8 @@
 from . import flops
 from ._dispatch import available_backends, use_backend
 from .attention import AttentionStats, varlen_attention
+from .layout import RaggedLayout
+from .pruning import ScoredTokens, score_and_prune
 from .sparse import SparseLinear, SparseWeight, compress_2to4, prune_2to4, sparse_linear
 from .tokens import PrunedTokens, pack, prune_tokens, unpack
 
@@ -12,6 +14,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionStats",
     "PrunedTokens",
+    "RaggedLayout",
+    "ScoredTokens",
     "SparseLinear",
     "SparseWeight",
     "available_backends",
@@ -19,6 +23,7 @@ __all__ = [
     "pack",
     "prune_2to4",
     "prune_tokens",
+    "score_and_prune",
     "sparse_linear",
     "unpack",
     "use_backend",

@@ -49,8 +49,9 @@ def check_int(v, name: str, minimum: int | None = None) -> int:
     return v
 
 
-def check_cu_seqlens(cu, name: str, rows: int, *, batch: int | None = None) -> torch.Tensor | None:
-    """A flash-attn style offsets tensor: int32, 1-D, [B+1], starts at 0, non-decreasing, ends at `rows`.
+def check_cu_seqlens(cu, name: str, rows: int | None, *, batch: int | None = None) -> torch.Tensor | None:
+    """A flash-attn style offsets tensor: int32, 1-D, [B+1], starts at 0, non-decreasing, ends at `rows`
+    (any end when rows is None).
 
     Returns the offsets as a CPU tensor (one device-to-host copy), or None while tracing.
     """
@@ -71,7 +72,7 @@ def check_cu_seqlens(cu, name: str, rows: int, *, batch: int | None = None) -> t
         b = int(drops[0])
         raise ValueError(f"{name}: expected non-decreasing offsets, got {name}[{b + 1}] = {int(offsets[b + 1])}"
                          f" < {name}[{b}] = {int(offsets[b])}")
-    if offsets[-1] != rows:
+    if rows is not None and offsets[-1] != rows:
         raise ValueError(f"{name}: expected {name}[-1] == {rows} (the number of rows), got {int(offsets[-1])}")
     return offsets
 

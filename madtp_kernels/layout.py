@@ -1,0 +1,85 @@
+"""RaggedLayout: a packed batch's offsets, checked once and carried on both sides of the device boundary.
+
+Every op that takes `cu_seqlens` validates it with one device-to-host copy (DESIGN.md: bad input gets a named
+error before any kernel runs). Inside a pruned encoder the same offsets feed four or five ops per layer, so that
+check would be a host sync per op. A RaggedLayout holds the device `cu_seqlens` beside its host copy and the
+longest length, and is known valid: `pack`, `prune_tokens` and `score_and_prune` return one, every op accepts
+one in place of `cu_seqlens`, and an op handed one trusts it and reads nothing back from the device.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _validation as checks
+
+
+@dataclass(frozen=True, eq=False)
+class RaggedLayout:
+    """B packed sequences: sequence b is rows offsets[b]:offsets[b+1] of a [T, ...] tensor.
+
+    cu_seqlens: int32 [B+1] on the rows' device; offsets: the same values on the host; max_len: the longest
+    sequence. Build one with `from_cu_seqlens` (validates, one host copy) or get one from an op.
+    """
+    cu_seqlens: Tensor
+    offsets: tuple[int, ...]
+    max_len: int
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: Tensor, rows: int | None = None) -> RaggedLayout:
+        """Validate `cu_seqlens` (int32 [B+1], from 0, non-decreasing, ending at `rows` when given)."""
+        offsets = checks.check_cu_seqlens(cu_seqlens, "cu_seqlens", rows)
+        return cls._read(cu_seqlens) if offsets is None else cls._from_host(cu_seqlens, offsets)
+
+    @classmethod
+    def _from_host(cls, cu_seqlens: Tensor, offsets) -> RaggedLayout:
+        """Trusted: `offsets` is cu_seqlens' host copy (a CPU tensor or a sequence of ints), already valid."""
+        values = tuple(offsets.tolist() if isinstance(offsets, Tensor) else offsets)
+        # sym_max, not max: under torch.compile the values are unbacked symbols, which cannot be compared
+        longest = functools.reduce(torch.sym_max, (b - a for a, b in zip(values[:-1], values[1:], strict=True)), 0)
+        return cls(cu_seqlens, values, longest)
+
+    @classmethod
+    def _read(cls, cu_seqlens: Tensor) -> RaggedLayout:
+        """Trusted device offsets an op just made: the one host read (row count and longest length together)."""
+        return cls._from_host(cu_seqlens, cu_seqlens.tolist())
+
+    @property
+    def batch(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def rows(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.cu_seqlens.device
+
+    def lengths(self) -> list[int]:
+        return [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+
+    def to(self, device) -> RaggedLayout:
+        return RaggedLayout(self.cu_seqlens.to(device), self.offsets, self.max_len)
+
+    def __repr__(self) -> str:
+        return f"RaggedLayout(batch={self.batch}, rows={self.rows}, max_len={self.max_len}, device={self.device})"
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def resolve(cu_seqlens, name: str, rows: int) -> tuple[Tensor, RaggedLayout | None, Tensor | None]:
+    """(device cu_seqlens, the layout if one was given, host offsets) for an op argument that is either a
+    RaggedLayout (trusted: only its row count is compared, on the host) or a plain tensor (validated as ever:
+    host offsets come back, None while tracing)."""
+    if isinstance(cu_seqlens, RaggedLayout):
+        if cu_seqlens.rows != rows and not _tracing():
+            raise ValueError(f"{name}: the layout has {cu_seqlens.rows} rows, expected {rows}")
+        return cu_seqlens.cu_seqlens, cu_seqlens, None
+    checks.check_tensor(cu_seqlens, name)
+    return cu_seqlens, None, checks.check_cu_seqlens(cu_seqlens, name, rows)
