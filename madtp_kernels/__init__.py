@@ -5,7 +5,7 @@ from .attention import AttentionStats, varlen_attention
 from .layout import RaggedLayout
 from .pruning import ScoredTokens, score_and_prune
 from .sparse import SparseLinear, SparseWeight, compress_2to4, prune_2to4, sparse_linear
-from .tokens import PrunedTokens, pack, prune_tokens, unpack
+from .tokens import Packed, PrunedTokens, pack, prune_tokens, unpack
 
 flops.register()   # torch.utils.flop_counter counts the ops by their real (ragged, 2:4) work
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionStats",
+    "Packed",
     "PrunedTokens",
     "RaggedLayout",
     "ScoredTokens",

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import _dispatch, _library
 from . import _validation as checks
+from .layout import RaggedLayout, max_len_of, resolve
 from .reference import attention as ref
 
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
@@ -92,27 +93,36 @@ def _check_index(index: Tensor | None, name: str, buffer_rows: int, buffer: str)
                              f"got min {lo}, max {hi}")
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor | None = None,
+def _offsets_tensor(cu, name: str) -> Tensor | None:
+    if cu is None:
+        return None
+    return cu.cu_seqlens if isinstance(cu, RaggedLayout) else checks.check_tensor(cu, name)
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | RaggedLayout,
+                     cu_seqlens_k: Tensor | RaggedLayout | None = None,
                      *, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
                      scale: float | None = None, causal: bool = False, q_index: Tensor | None = None,
                      kv_index: Tensor | None = None, return_stats: bool = False):
     """Attention of each sequence's queries over its own keys; no padding, no [Tq, Tk] matrix.
 
     q [Tq, H, D], k/v [Tk, H, D] -> out [Tq, H, D] (q's dtype). cu_seqlens_k defaults to cu_seqlens_q.
+    Either may be a RaggedLayout (trusted, no host read; max_seqlen defaults to its max_len).
     causal=True aligns the mask bottom-right (flash-attn). A query with no key gets zeros.
     q_index / kv_index (int32): logical token i is physical row index[i] of q's / k's and v's buffer.
     return_stats=True -> (out, AttentionStats(received, cls)), fp32 [Tk, H], without gradient.
     """
-    tensors = {"q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q}
-    if cu_seqlens_k is not None:
-        tensors["cu_seqlens_k"] = cu_seqlens_k
+    tensors = {"q": q, "k": k, "v": v}
     for name, t in tensors.items():
         checks.check_tensor(t, name)
-    checks.check_same_device(q, "q", k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                        q_index=q_index, kv_index=kv_index)
+    checks.check_same_device(q, "q", k=k, v=v, cu_seqlens_q=_offsets_tensor(cu_seqlens_q, "cu_seqlens_q"),
+                             cu_seqlens_k=_offsets_tensor(cu_seqlens_k, "cu_seqlens_k"), q_index=q_index,
+                             kv_index=kv_index)
     for name in ("q", "k", "v"):
         checks.check_ndim(tensors[name], name, 3, "3-D [T, H, D]")
     checks.check_floating(q, "q")
+    if q.shape[1] < 1:
+        raise ValueError(f"q: expected at least one head, got shape {tuple(q.shape)}")
     for name in ("k", "v"):
         t = tensors[name]
         if t.dtype != q.dtype:
@@ -126,19 +136,19 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_index(kv_index, "kv_index", k.shape[0], "k")
     rows_q = q.shape[0] if q_index is None else q_index.shape[0]
     rows_k = k.shape[0] if kv_index is None else kv_index.shape[0]
-    offsets_q = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", rows_q)
+    # A RaggedLayout is trusted (checked when made): nothing is read back from the device for it.
+    cu_q, layout_q, offsets_q = resolve(cu_seqlens_q, "cu_seqlens_q", rows_q)
     if cu_seqlens_k is None:
-        cu_seqlens_k, offsets_k = cu_seqlens_q, offsets_q
+        cu_k, layout_k, offsets_k = cu_q, layout_q, offsets_q
         if rows_k != rows_q:
             raise ValueError(f"cu_seqlens_k: required when k has {rows_k} logical rows and q has {rows_q}")
     else:
-        checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", rows_k)
-        if cu_seqlens_k.shape != cu_seqlens_q.shape:
-            raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.shape[0] - 1} sequences (as cu_seqlens_q), "
-                             f"got {cu_seqlens_k.shape[0] - 1}")
-        offsets_k = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", rows_k)
-    max_seqlen_q = checks.check_max_len(max_seqlen_q, "max_seqlen_q", offsets_q)
-    max_seqlen_k = checks.check_max_len(max_seqlen_k, "max_seqlen_k", offsets_k)
+        cu_k, layout_k, offsets_k = resolve(cu_seqlens_k, "cu_seqlens_k", rows_k)
+        if cu_k.shape != cu_q.shape:
+            raise ValueError(f"cu_seqlens_k: expected {cu_q.shape[0] - 1} sequences (as cu_seqlens_q), "
+                             f"got {cu_k.shape[0] - 1}")
+    max_seqlen_q = max_len_of(max_seqlen_q, "max_seqlen_q", layout_q, offsets_q)
+    max_seqlen_k = max_len_of(max_seqlen_k, "max_seqlen_k", layout_k, offsets_k)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[2])
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -147,8 +157,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
     impl = _dispatch.select("varlen_attention", q.device, q.dtype, head_dim=q.shape[2])
-    out, received, cls, _lse = impl(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(),
-                              cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, float(scale), causal,
+    out, received, cls, _lse = impl(q.contiguous(), k.contiguous(), v.contiguous(), cu_q.contiguous(),
+                                    cu_k.contiguous(), max_seqlen_q, max_seqlen_k, float(scale), causal,
                               None if q_index is None else q_index.contiguous(),
                               None if kv_index is None else kv_index.contiguous(), return_stats)
     return (out, AttentionStats(received, cls)) if return_stats else out

@@ -35,6 +35,14 @@ class RaggedLayout:
         return cls._read(cu_seqlens) if offsets is None else cls._from_host(cu_seqlens, offsets)
 
     @classmethod
+    def uniform(cls, batch: int, length: int, device=None) -> RaggedLayout:
+        """B sequences of `length` rows each (a batch without padding): no host read."""
+        checks.check_int(batch, "batch", minimum=0)
+        checks.check_int(length, "length", minimum=0)
+        cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * length
+        return cls(cu, tuple(b * length for b in range(batch + 1)), length if batch else 0)
+
+    @classmethod
     def _from_host(cls, cu_seqlens: Tensor, offsets) -> RaggedLayout:
         """Trusted: `offsets` is cu_seqlens' host copy (a CPU tensor or a sequence of ints), already valid."""
         values = tuple(offsets.tolist() if isinstance(offsets, Tensor) else offsets)
@@ -83,3 +91,17 @@ def resolve(cu_seqlens, name: str, rows: int) -> tuple[Tensor, RaggedLayout | No
         return cu_seqlens.cu_seqlens, cu_seqlens, None
     checks.check_tensor(cu_seqlens, name)
     return cu_seqlens, None, checks.check_cu_seqlens(cu_seqlens, name, rows)
+
+
+def max_len_of(value, name: str, layout: RaggedLayout | None, offsets: Tensor | None, *, unit: str = "sequence",
+               rows: str = "") -> int:
+    """A bound on the lengths (`max_seqlen`, `max_len`): the longest when None, else an int >= it; from the
+    layout when one was given (no host read), else from the validated host offsets."""
+    if layout is None:
+        return checks.check_max_len(value, name, offsets, unit=unit, rows=rows)
+    if value is None:
+        return layout.max_len
+    checks.check_int(value, name, minimum=0)
+    if not _tracing() and value < layout.max_len:
+        raise ValueError(f"{name}: expected >= the longest {unit} ({layout.max_len}{rows}), got {value}")
+    return value

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import _dispatch, _library
 from . import _validation as checks
+from .layout import RaggedLayout, max_len_of, resolve
 from .reference import tokens as ref
 
 SCHEMAS = {
@@ -24,9 +25,22 @@ SCHEMAS = {
 
 
 class PrunedTokens(NamedTuple):
-    x: Tensor            # [T', C]: each sample's kept rows in order, then its merged row (if any were dropped)
-    cu_seqlens: Tensor   # int32 [B+1]
-    kept_index: Tensor   # int32 [T']: the row of the input each output row came from; -1 for a merged row
+    x: Tensor              # [T', C]: each sample's kept rows in order, then its merged row (if any were dropped)
+    layout: RaggedLayout   # of x
+    kept_index: Tensor     # int32 [T']: the row of the input each output row came from; -1 for a merged row
+
+    @property
+    def cu_seqlens(self) -> Tensor:
+        return self.layout.cu_seqlens
+
+
+class Packed(NamedTuple):
+    x: Tensor              # [T, ...]
+    layout: RaggedLayout
+
+    @property
+    def cu_seqlens(self) -> Tensor:
+        return self.layout.cu_seqlens
 
 
 # ------------------------------------------------------------------ backends
@@ -111,8 +125,8 @@ _library.define("prune_tokens", SCHEMAS["prune_tokens"],
 _LENGTH_DTYPES = (torch.int32, torch.int64)
 
 
-def pack(x: Tensor, lengths: Tensor | None = None, *, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Pack a padded batch `x [B, N, ...]` into `(packed [T, ...], cu_seqlens int32 [B+1])`.
+def pack(x: Tensor, lengths: Tensor | None = None, *, mask: Tensor | None = None) -> Packed:
+    """Pack a padded batch `x [B, N, ...]` into `Packed(x [T, ...], layout)` (layout.cu_seqlens: int32 [B+1]).
 
     Give either `lengths [B]` (sample b keeps its first lengths[b] tokens) or `mask [B, N]` (bool: the tokens
     to keep, in order). A bool `[B, N]` tensor passed as `lengths` is taken as the mask.
@@ -145,18 +159,21 @@ def pack(x: Tensor, lengths: Tensor | None = None, *, mask: Tensor | None = None
     impl = _dispatch.select("pack", x.device, x.dtype)
     feature_shape = x.shape[2:]
     packed, cu = impl(x.reshape(batch, n, math.prod(feature_shape)).contiguous(), mask.contiguous())
-    return packed.reshape(packed.shape[0], *feature_shape), cu
+    return Packed(packed.reshape(packed.shape[0], *feature_shape), RaggedLayout._read(cu))
 
 
-def unpack(packed: Tensor, cu_seqlens: Tensor, *, max_len: int | None = None, pad_value: float = 0.0) -> Tensor:
+def unpack(packed: Tensor, cu_seqlens: Tensor | RaggedLayout, *, max_len: int | None = None,
+           pad_value: float = 0.0) -> Tensor:
     """Pad packed rows back to `[B, max_len, ...]` (max_len defaults to the longest sample)."""
     checks.check_tensor(packed, "packed")
     checks.check_ndim(packed, "packed", tuple(range(1, 8)), "[T, ...]")
-    checks.check_same_device(packed, "packed", cu_seqlens=checks.check_tensor(cu_seqlens, "cu_seqlens"))
-    offsets = checks.check_cu_seqlens(cu_seqlens, "cu_seqlens", packed.shape[0])
+    given = cu_seqlens if isinstance(cu_seqlens, RaggedLayout) else None
+    checks.check_same_device(packed, "packed", cu_seqlens=given.cu_seqlens if given is not None else
+                             checks.check_tensor(cu_seqlens, "cu_seqlens"))
+    cu_seqlens, given, offsets = resolve(cu_seqlens, "cu_seqlens", packed.shape[0])
     if not isinstance(pad_value, (int, float)) or isinstance(pad_value, bool):
         raise TypeError(f"pad_value: expected a float, got {type(pad_value).__name__}")
-    max_len = checks.check_max_len(max_len, "max_len", offsets, unit="sample", rows=" rows")
+    max_len = max_len_of(max_len, "max_len", given, offsets, unit="sample", rows=" rows")
     impl = _dispatch.select("unpack", packed.device, packed.dtype)
     feature_shape = packed.shape[1:]
     rows = packed.reshape(packed.shape[0], math.prod(feature_shape)).contiguous()
@@ -164,19 +181,20 @@ def unpack(packed: Tensor, cu_seqlens: Tensor, *, max_len: int | None = None, pa
     return out.reshape(out.shape[0], max_len, *feature_shape)
 
 
-def prune_tokens(x: Tensor, cu_seqlens: Tensor, scores: Tensor, threshold: Tensor, *, keep_first: int = 1,
-                 merge: bool = True) -> PrunedTokens:
+def prune_tokens(x: Tensor, cu_seqlens: Tensor | RaggedLayout, scores: Tensor, threshold: Tensor, *,
+                 keep_first: int = 1, merge: bool = True) -> PrunedTokens:
     """Drop each sample's tokens with score <= threshold[b] (sparing its first `keep_first`), in order.
 
     merge=True appends one token per sample that dropped any: the score-weighted mean of the dropped tokens
     (their plain mean where those scores sum to 0; scores are meant to be non-negative importances).
     Gradients flow to x and, through the merged token, to scores.
     """
-    for name, t in (("x", x), ("cu_seqlens", cu_seqlens), ("scores", scores), ("threshold", threshold)):
+    layout_cu = cu_seqlens.cu_seqlens if isinstance(cu_seqlens, RaggedLayout) else cu_seqlens
+    for name, t in (("x", x), ("cu_seqlens", layout_cu), ("scores", scores), ("threshold", threshold)):
         checks.check_tensor(t, name)
-    checks.check_same_device(x, "x", cu_seqlens=cu_seqlens, scores=scores, threshold=threshold)
+    checks.check_same_device(x, "x", cu_seqlens=layout_cu, scores=scores, threshold=threshold)
     checks.check_ndim(x, "x", 2, "2-D [T, C]")
-    checks.check_cu_seqlens(cu_seqlens, "cu_seqlens", x.shape[0])
+    cu_seqlens, _, _ = resolve(cu_seqlens, "cu_seqlens", x.shape[0])
     batch = cu_seqlens.shape[0] - 1
     checks.check_floating(scores, "scores")
     if tuple(scores.shape) != (x.shape[0],):
@@ -191,4 +209,4 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor, scores: Tensor, threshold: Tenso
     impl = _dispatch.select("prune_tokens", x.device, x.dtype, scores.dtype)
     y, cu_new, kept_index = impl(x.contiguous(), cu_seqlens.contiguous(), scores.contiguous(),
                                  threshold.contiguous(), keep_first, merge)
-    return PrunedTokens(y, cu_new, kept_index)
+    return PrunedTokens(y, RaggedLayout._read(cu_new), kept_index)

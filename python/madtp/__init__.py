@@ -18,6 +18,7 @@ _EXPORTS = {
     "apply": "patch",
     "count_flops": "flops",
     "pruning_report": "patch",
+    "recording": "patch",
     "remove": "patch",
     "set_execution": "patch",
     "set_temperature": "patch",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from madtp_kernels import unpack
+from madtp_kernels import RaggedLayout, unpack
 
 from . import ragged
 
@@ -36,12 +36,11 @@ class AlignmentTokens(nn.Module):
         h = self.project(x, branch)
         return h.float() @ self.tokens.float().t(), h
 
-    def pooled(self, scores: Tensor, h: Tensor, cu_seqlens: Tensor, max_len: int, candidates: Tensor) -> Tensor:
+    def pooled(self, scores: Tensor, h: Tensor, layout: RaggedLayout, candidates: Tensor) -> Tensor:
         """[B, K, d]: per sample, the candidate tokens pooled with softmax over tokens of A^T / sqrt(d)."""
-        weights = ragged.segment_softmax(scores / math.sqrt(self.dim), cu_seqlens, candidates)   # [T, K]
+        weights = ragged.segment_softmax(scores / math.sqrt(self.dim), layout.cu_seqlens, candidates)   # [T, K]
         # One batched [K, L] x [L, d] product per sample; padded rows carry zero weight.
-        w = unpack(weights, cu_seqlens, max_len=max_len)
-        return w.transpose(1, 2) @ unpack(h.float(), cu_seqlens, max_len=max_len)
+        return unpack(weights, layout).transpose(1, 2) @ unpack(h.float(), layout)
 
 def alignment_loss(image_features: Tensor, text_features: Tensor) -> Tensor:
     """1 - cos between the image and text pooled features of each pair, averaged over alignment tokens and pairs."""

@@ -19,18 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from madtp_kernels import AttentionStats, pack, unpack, varlen_attention
+from madtp_kernels import AttentionStats, RaggedLayout, pack, unpack, varlen_attention
 
 from . import pruning
 from .pruning import Layout
-from .ragged import segment_ids
 
 
 @dataclass
 class BranchRecord:
-    """What one forward of a branch leaves behind for the loss and the reports."""
+    """What one forward of a branch leaves behind for the loss and the reports.
+
+    `kept` costs nothing (host ints the layouts carry anyway). `pooled` and `summaries` are training work:
+    they are computed only when the forward records (`training=True`: a forward with autograd on, or inside
+    `madtp.recording(model)`); at inference they stay empty."""
     pooled: Tensor | None = None                          # [B, K, d] alignment features summed over layers
-    kept: dict[str, Tensor] = field(default_factory=dict)  # layer name -> rows per sample after that layer
+    kept: dict[str, list[int]] = field(default_factory=dict)  # layer name -> rows per sample after that layer
     # [B, C] per layer: the state of each sample's summary token after the layer (its protected token where it
     # has one, CLIP text's EOT; else its first, CLS): what layer-wise distillation compares with the teacher
     summaries: list[Tensor] = field(default_factory=list)
@@ -46,6 +49,7 @@ class BranchPlan:
     alignment: object            # AlignmentTokens
     layer_names: list[str]
     causal: bool = False
+    training: bool = True        # record the pooled alignment features and the per-layer summaries
 
 
 @dataclass
@@ -70,41 +74,38 @@ class _Context:
         return self._prunes()
 
     def _align_and_prune(self, rows: Tensor, attn_out: Tensor | None, stats: AttentionStats | None):
-        """Alignment scores (every layer) and, in a pruning layer, the pruning step. rows: packed [T, C]."""
+        """Alignment scores where something uses them (a pruning layer; every layer while training), the
+        pooled alignment features (training) and, in a pruning layer, the pruning step. rows: packed [T, C]."""
         plan, layout = self.plan, self.layout
-        scores, h = plan.alignment.scores(rows, plan.name)
-        pooled = plan.alignment.pooled(scores, h, layout.cu_seqlens, layout.max_len, layout.candidates())
-        rec = self.record
-        rec.pooled = pooled if rec.pooled is None else rec.pooled + pooled
-        if not self._prunes():
+        prunes = self._prunes()
+        if not (prunes or plan.training):
             return None
-        importance = pruning.token_importance(stats, attn_out, scores, layout)
-        theta = pruning.threshold(scores, importance, layout, plan.temperature)
-        result = pruning.prune_step(rows, layout, importance, theta, plan.merge)
-        self.layout = result.layout
-        rec.kept[plan.layer_names[self.layer]] = result.kept.detach().cpu()
-        return result.x
+        scores, h = plan.alignment.scores(rows, plan.name)
+        if plan.training:
+            rec = self.record
+            pooled = plan.alignment.pooled(scores, h, layout.ragged, layout.candidates())
+            rec.pooled = pooled if rec.pooled is None else rec.pooled + pooled
+        if not prunes:
+            return None
+        out, self.layout = pruning.prune_step(rows, layout, stats, attn_out, scores, plan.temperature, plan.merge)
+        self.record.kept[plan.layer_names[self.layer]] = self.layout.ragged.lengths()
+        return out
 
 
 class RaggedContext(_Context):
     def __init__(self, plan: BranchPlan, layout: Layout, record: BranchRecord, memory: Memory | None = None):
         super().__init__(plan, layout, record)
         if memory is not None:
-            self.memory, self._memory_cu = pack(memory.x, memory.valid)
-            lengths = self._memory_cu[1:] - self._memory_cu[:-1]
-            self._memory_max = int(lengths.max()) if lengths.numel() else 0
+            self.memory, self._memory_layout = pack(memory.x, memory.valid)
 
     def cross_attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float) -> Tensor:
         """q [T, H, D] over k, v [Tm, H, D] (rows of self.memory) -> out [T, H, D]."""
-        lay = self.layout
-        return varlen_attention(q, k, v, lay.cu_seqlens, self._memory_cu, max_seqlen_q=lay.max_len,
-                                max_seqlen_k=self._memory_max, scale=scale)
+        return varlen_attention(q, k, v, self.layout.ragged, self._memory_layout, scale=scale)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False):
         """q, k, v [T, H, D] -> (out [T, H, D], stats or None)."""
-        lay = self.layout
-        res = varlen_attention(q, k, v, lay.cu_seqlens, max_seqlen_q=lay.max_len, max_seqlen_k=lay.max_len,
-                               scale=scale, causal=causal, return_stats=self.wants_stats)
+        res = varlen_attention(q, k, v, self.layout.ragged, scale=scale, causal=causal,
+                               return_stats=self.wants_stats)
         return res if self.wants_stats else (res, None)
 
     def prune(self, x: Tensor, attn_out: Tensor, stats: AttentionStats | None) -> Tensor:
@@ -131,7 +132,7 @@ class PaddedContext(_Context):
 
     def _valid(self) -> Tensor:
         lay = self.layout
-        lengths = (lay.cu_seqlens[1:] - lay.cu_seqlens[:-1]).long()
+        lengths = torch.tensor(lay.ragged.lengths(), dtype=torch.long, device=lay.cu_seqlens.device)
         return torch.arange(lay.max_len, device=lengths.device) < lengths[:, None]   # [B, L]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False):
@@ -162,42 +163,48 @@ class PaddedContext(_Context):
         out = self._align_and_prune(rows, pack(attn_out, valid)[0] if stats is not None else None, stats)
         if out is None:
             return x
-        return unpack(out, self.layout.cu_seqlens, max_len=self.layout.max_len)
+        return unpack(out, self.layout.ragged)
 
 
 def run_layers(layers, layer_fn, x: Tensor, valid: Tensor, protected: Tensor | None, plan: BranchPlan,
                execution: str, memory: Memory | None = None) -> tuple[Tensor, Layout, BranchRecord]:
-    """Run `layers` on x [B, N, C] whose valid tokens are `valid` [B, N]; returns packed rows [T, C], their
+    """Run `layers` on x [B, N, C] whose valid tokens are `valid` [B, N] (None: all); returns packed rows [T, C], their
     layout and the record. protected [B, N]: tokens never dropped besides each sample's first. memory: what
     the layers cross-attend to (same batch), if anything."""
-    batch, n = valid.shape
-    rows, cu = pack(x, valid)
-    positions = torch.arange(n, device=x.device).expand(batch, n)[valid]     # row-major = packed order
-    prot = protected[valid] if protected is not None else torch.zeros_like(positions, dtype=torch.bool)
-    lengths = valid.sum(1)
-    layout = Layout(cu, int(lengths.max()) if batch else 0, positions, prot)
+    batch, n = x.shape[:2]
+    if valid is None:   # every token exists (an image): the packed rows are x itself, no copy, no host read
+        rows, ragged = x.reshape(batch * n, x.shape[-1]), RaggedLayout.uniform(batch, n, x.device)
+        positions = torch.arange(n, device=x.device).repeat(batch)
+        prot = protected.reshape(-1) if protected is not None else None
+    else:
+        rows, ragged = pack(x, valid)
+        positions = torch.arange(n, device=x.device).expand(batch, n)[valid]     # row-major = packed order
+        prot = protected.to(valid.device)[valid] if protected is not None else None
+    layout = Layout(ragged, prot, positions)
     record = BranchRecord()
     if execution == "ragged":
         ctx, h = RaggedContext(plan, layout, record, memory), rows
     else:
         ctx = PaddedContext(plan, layout, record, memory)
-        h = unpack(rows, cu, max_len=layout.max_len)
+        h = unpack(rows, ragged)
     for i, layer in enumerate(layers):
         ctx.layer = i
         h = layer_fn(layer, h, ctx)
-        record.summaries.append(summary_rows(ctx.rows(h), ctx.layout))
+        if plan.training:
+            record.summaries.append(summary_rows(ctx.rows(h), ctx.layout))
     return ctx.rows(h), ctx.layout, record
 
 
 def summary_rows(rows: Tensor, layout: Layout) -> Tensor:
     """[B, C]: each sample's protected row if it has one, else its first row (zeros for an empty sample)."""
-    batch = layout.cu_seqlens.shape[0] - 1
-    starts = layout.cu_seqlens[:-1].long()
-    out = rows.new_zeros((batch, rows.shape[-1]))
-    nonempty = layout.cu_seqlens[1:] > layout.cu_seqlens[:-1]
-    out = out.index_copy(0, nonempty.nonzero().squeeze(1), rows[starts[nonempty]])
-    if bool(layout.protected.any()):
-        seg = segment_ids(layout.cu_seqlens, layout.rows)
+    off = layout.ragged.offsets
+    nonempty = torch.tensor([b for b in range(layout.ragged.batch) if off[b + 1] > off[b]], dtype=torch.long,
+                            device=rows.device)
+    out = rows.new_zeros((layout.ragged.batch, rows.shape[-1])).index_copy(0, nonempty, rows[layout.first_rows()])
+    if layout.protected is not None and bool(layout.protected.any()):
+        sample = torch.repeat_interleave(torch.arange(layout.ragged.batch, device=rows.device),
+                                         torch.tensor(layout.ragged.lengths(), device=rows.device),
+                                         output_size=layout.rows)
         index = layout.protected.nonzero().squeeze(1)
-        out = out.index_copy(0, seg[index], rows[index])
+        out = out.index_copy(0, sample[index], rows[index])
     return out

@@ -13,6 +13,7 @@ is not recognised: there, the attention mask the caller gives is all there is.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -31,7 +32,6 @@ from .alignment import AlignmentTokens
 from .alignment import alignment_loss as _alignment_loss
 from .config import EXECUTIONS, MADTPConfig
 from .models.spec import OutputLayout, TowerInputs, TowerSpec
-from .ragged import segment_ids
 
 ATTRIBUTE = "madtp"
 
@@ -58,6 +58,7 @@ class MADTPState(nn.Module):
         self.temperature = {"vision": default if config.prune_vision else None,
                             "text": default if config.prune_text else None}
         self.execution = config.execution
+        self.recording = False   # record training work (pooled features, summaries) without autograd
         self.records: dict[str, executor.BranchRecord] = {}
         self._inputs: dict[int, TowerInputs] = {}
         self._pending: dict[int, OutputLayout] = {}   # encoder -> layout, until its tower's output is known
@@ -193,8 +194,6 @@ def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
     spec = tower.spec
     inputs = state._inputs.pop(id(tower.encoder), None) or TowerInputs()
     batch, n = hidden.shape[:2]
-    valid = inputs.valid if inputs.valid is not None else \
-        torch.ones(batch, n, dtype=torch.bool, device=hidden.device)
     memory = None
     if inputs.memory is not None:
         memory = _memory(state, inputs, batch)
@@ -202,22 +201,26 @@ def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
                                prune_layers=(frozenset(state.config.prune_layers)
                                              if state.config.prune_layers is not None else None),
                                merge=state.config.merge_pruned, alignment=state.alignment,
-                               layer_names=tower.layer_names, causal=spec.causal)
-    rows, layout, record = executor.run_layers(tower.layers, spec.layer_fn, hidden, valid.to(hidden.device),
-                                               inputs.protected, plan, state.execution, memory)
+                               layer_names=tower.layer_names, causal=spec.causal,
+                               training=state.recording or torch.is_grad_enabled())
+    valid = inputs.valid.to(hidden.device).bool() if inputs.valid is not None else None
+    rows, layout, record = executor.run_layers(tower.layers, spec.layer_fn, hidden, valid, inputs.protected, plan,
+                                               state.execution, memory)
     state.records[spec.branch] = record
+    device = hidden.device
+    lengths = torch.tensor(layout.ragged.lengths(), dtype=torch.long, device=device)
     if spec.output == "compact":
-        lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
-        valid = torch.arange(layout.max_len, device=lengths.device) < lengths[:, None]
-        state._pending[id(tower.encoder)] = OutputLayout(valid)
-        return unpack(rows, layout.cu_seqlens, max_len=layout.max_len)
-    out = rows.new_zeros(batch, n, rows.shape[-1])
-    keep = layout.positions >= 0   # merged rows have no position: the output drops them
-    sample = segment_ids(layout.cu_seqlens, layout.rows)
-    valid = torch.zeros(batch, n, dtype=torch.bool, device=out.device)
-    valid[sample[keep], layout.positions[keep]] = True
+        state._pending[id(tower.encoder)] = OutputLayout(torch.arange(layout.max_len, device=device) < lengths[:, None])
+        return unpack(rows, layout.ragged)
+    # Rows back at their input positions; merged rows (position -1) land in a column past the end, cut off.
+    positions = layout.positions()
+    positions = torch.where(positions >= 0, positions, n)
+    sample = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=layout.rows)
+    out = rows.new_zeros(batch, n + 1, rows.shape[-1]).index_put((sample, positions), rows)[:, :n]
+    valid = torch.zeros(batch, n + 1, dtype=torch.bool, device=device).index_put(
+        (sample, positions), torch.ones((), dtype=torch.bool, device=device))[:, :n]
     state._pending[id(tower.encoder)] = OutputLayout(valid)
-    return out.index_put((sample[keep], layout.positions[keep]), rows[keep])
+    return out
 
 
 def _memory(state: MADTPState, inputs: TowerInputs, batch: int) -> executor.Memory:
@@ -261,6 +264,19 @@ def set_temperature(model: nn.Module, *, vision: float | None = ..., text: float
         state.temperature[branch] = float(value) if value is not None else None
 
 
+@contextlib.contextmanager
+def recording(model: nn.Module):
+    """Forwards in this context record what the losses read (the pooled alignment features for
+    `alignment_loss`, the per-layer summaries for distillation) even without autograd. A forward with autograd
+    on records them anyway; one without (inference) skips that work."""
+    state = _state(model)
+    before, state.recording = state.recording, True
+    try:
+        yield model
+    finally:
+        state.recording = before
+
+
 def set_execution(model: nn.Module, execution: str) -> None:
     """Switch between "ragged" and "padded" execution (same parameters, same outputs, different time)."""
     state = _state(model)
@@ -273,8 +289,8 @@ def pruning_report(model: nn.Module) -> dict[str, Tensor]:
     """After a forward: layer name -> rows per sample (kept + merged) after that layer's pruning, int [B]."""
     state = _state(model)
     report = {}
-    for record in state.records.values():
-        report.update(record.kept)
+    for record in state.records.values():   # host ints the layouts carried: no device read here
+        report.update({name: torch.tensor(kept, dtype=torch.int64) for name, kept in record.kept.items()})
     return report
 
 
@@ -283,8 +299,9 @@ def alignment_loss(model: nn.Module) -> Tensor:
     state = _state(model)
     missing = [b for b in ("vision", "text") if b not in state.records or state.records[b].pooled is None]
     if missing:
-        raise ValueError(f"model: the last forward did not run the {' and '.join(missing)} branch; "
-                         "alignment_loss needs a forward over image-text pairs")
+        raise ValueError(f"model: the last forward did not record the {' and '.join(missing)} branch; "
+                         "alignment_loss needs a forward over image-text pairs with autograd on or inside "
+                         "madtp.recording(model)")
     return _alignment_loss(state.records["vision"].pooled, state.records["text"].pooled)
 
 

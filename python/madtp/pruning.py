@@ -1,82 +1,63 @@
-"""DTP: token importance, the per-sample threshold, and one pruning step on packed rows.
+"""DTP on packed rows: where a branch's rows stand, and one pruning step (madtp_kernels.score_and_prune).
 
-Both executions (ragged and padded) call `prune_step` on packed rows, so they make the same decisions; they
-differ only in how the layers around it run.
+The decision itself (token importance, the per-sample threshold, keep, compaction, merge) is one fused op of
+madtp_kernels, the same op for both executions (ragged and padded), so they make the same decisions.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from madtp_kernels import AttentionStats, prune_tokens
-
-from . import ragged
-
-# Score given to rows that must survive (CLIP text's EOT): above any threshold, which is a weighted mean of
-# importances in [0, 1].
-PROTECTED_SCORE = 2.0
+from madtp_kernels import AttentionStats, RaggedLayout, score_and_prune
 
 
 @dataclass
 class Layout:
-    """Where the packed rows of a branch stand: samples, original positions, rows that must survive."""
-    cu_seqlens: Tensor   # int32 [B+1]
-    max_len: int         # longest sample (host int: sizes the padded execution and the kernels' grids)
-    positions: Tensor    # int64 [T]: each row's position in the encoder's input; -1 for a merged row
-    protected: Tensor    # bool [T]: rows never dropped (the first row of a sample is kept by keep_first)
+    """Where the packed rows of a branch stand: the ragged layout, the rows that must survive, and (composed
+    only when asked) each row's position in the encoder's input."""
+    ragged: RaggedLayout
+    protected: Tensor | None      # bool [T]: rows never dropped besides each sample's first (None: none)
+    input_positions: Tensor       # int64 [T0]: positions of the encoder's input rows
+    steps: list[Tensor] = field(default_factory=list)   # kept_index of each pruning step since the input
+
+    @property
+    def cu_seqlens(self) -> Tensor:
+        return self.ragged.cu_seqlens
+
+    @property
+    def max_len(self) -> int:
+        return self.ragged.max_len
 
     @property
     def rows(self) -> int:
-        return self.positions.shape[0]
+        return self.ragged.rows
+
+    def positions(self) -> Tensor:
+        """int64 [T]: each row's position in the encoder's input; -1 for a merged row. A gather per pruning
+        step, paid only by the towers whose output puts rows back at their positions (CLIP text)."""
+        pos = self.input_positions
+        for kept in self.steps:
+            pos = torch.cat((pos, pos.new_full((1,), -1)))[kept.long()]   # kept -1 -> the appended -1
+        return pos
+
+    def first_rows(self) -> Tensor:
+        """int64 [B']: the first row of each non-empty sample (from the host offsets: no device work)."""
+        off = self.ragged.offsets
+        return torch.tensor([a for a, b in zip(off[:-1], off[1:], strict=True) if b > a], dtype=torch.long,
+                            device=self.ragged.device)
 
     def candidates(self) -> Tensor:
-        """bool [T]: rows that may be dropped and that the scores rank (all but the first and protected)."""
-        return ~(ragged.first_rows(self.cu_seqlens, self.rows) | self.protected)
+        """bool [T]: rows that may be dropped and that the alignment pools (all but first and protected)."""
+        mask = torch.ones(self.rows, dtype=torch.bool, device=self.ragged.device)
+        mask[self.first_rows()] = False
+        return mask if self.protected is None else mask & ~self.protected
 
 
-def token_importance(stats: AttentionStats, attn_out: Tensor, align_scores: Tensor, layout: Layout) -> Tensor:
-    """TIS [T] fp32: the mean of three terms, each min-max normalised within its sample over the candidates:
-    attention received (max over heads, summed over queries); attention from the first token (CLS), heads
-    weighted by the norm of their output at that token; the best alignment score."""
-    cu, where = layout.cu_seqlens, layout.candidates()
-    received = stats.received.amax(dim=1)
-    first = ragged.first_rows(cu, layout.rows)
-    head_norm = attn_out[first].float().norm(dim=-1)                     # [B', H] for non-empty samples
-    head_weight = head_norm / head_norm.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    seg = ragged.segment_ids(cu, layout.rows)
-    weights = head_weight.new_zeros((cu.shape[0] - 1, head_weight.shape[1]))
-    weights[(cu[1:] > cu[:-1])] = head_weight
-    cls = (stats.cls * weights[seg]).sum(dim=1)
-    alignment = align_scores.amax(dim=1)
-    terms = [ragged.normalise(t, cu, where) for t in (received, cls, alignment)]
-    return sum(terms) / 3
-
-
-def threshold(align_scores: Tensor, importance: Tensor, layout: Layout, temperature: float) -> Tensor:
-    """theta [B] = min over alignment tokens k of sum_i softmax_i(A_ik / temperature) TIS_i (candidates i)."""
-    weights = ragged.segment_softmax(align_scores.detach() / temperature, layout.cu_seqlens, layout.candidates())
-    per_token = ragged.segment_sum(weights * importance.detach().unsqueeze(1), layout.cu_seqlens)   # [B, K]
-    return per_token.amin(dim=1)
-
-
-@dataclass
-class PruneResult:
-    x: Tensor
-    layout: Layout
-    kept: Tensor        # int [B]: rows of each sample after the step (kept + merged)
-
-
-def prune_step(x: Tensor, layout: Layout, importance: Tensor, theta: Tensor, merge: bool) -> PruneResult:
-    """Drop each sample's candidate rows with importance <= theta[b]; merge them into one row (TIS-weighted)."""
-    scores = torch.where(layout.protected, torch.full_like(importance, PROTECTED_SCORE), importance)
-    out = prune_tokens(x, layout.cu_seqlens, scores, theta.to(scores.dtype), keep_first=1, merge=merge)
-    index = out.kept_index.long()
-    merged = index < 0
-    safe = index.clamp_min(0)
-    positions = torch.where(merged, torch.full_like(safe, -1), layout.positions[safe])
-    protected = layout.protected[safe] & ~merged
-    lengths = out.cu_seqlens[1:] - out.cu_seqlens[:-1]
-    max_len = int(lengths.max()) if lengths.numel() else 0
-    return PruneResult(out.x, Layout(out.cu_seqlens, max_len, positions, protected), lengths)
+def prune_step(x: Tensor, layout: Layout, stats: AttentionStats, attn_out: Tensor, align_scores: Tensor,
+               temperature: float, merge: bool) -> tuple[Tensor, Layout]:
+    """Drop each sample's candidate rows whose importance does not exceed its threshold; merge them into one."""
+    out = score_and_prune(x, layout.ragged, stats, attn_out, align_scores, temperature=temperature,
+                          protected=layout.protected, merge=merge)
+    return out.x, Layout(out.layout, out.protected, layout.input_positions, [*layout.steps, out.kept_index])

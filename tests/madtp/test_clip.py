@@ -155,15 +155,21 @@ def test_gradients_match_between_executions(clip):
 
 def test_alignment_loss(clip):
     model = madtp.apply(copy.deepcopy(clip), madtp.MADTPConfig(num_alignment_tokens=8))
-    run(model, **inputs())
+    run(model, **inputs())   # inference: no training work, nothing for the loss
+    assert all(r.pooled is None and not r.summaries for r in model.madtp.records.values())
+    with pytest.raises(ValueError, match="did not record the vision and text branch"):
+        madtp.alignment_loss(model)
+    with madtp.recording(model):
+        run(model, **inputs())
     loss = madtp.alignment_loss(model)
     assert loss.ndim == 0 and 0 <= float(loss) <= 2
     state = model.madtp
     # widths differ (96 vision, 64 text): the text branch has its own map into the tokens' width
     assert set(state.alignment.maps) == {"text"} and state.alignment.tokens.shape == (8, 96)
     vision_only = madtp.apply(CLIPVisionModel(clip.config.vision_config).eval(), madtp.MADTPConfig())
-    run(vision_only, pixel_values=inputs()["pixel_values"])
-    with pytest.raises(ValueError, match="did not run the text branch"):
+    with madtp.recording(vision_only):
+        run(vision_only, pixel_values=inputs()["pixel_values"])
+    with pytest.raises(ValueError, match="did not record the text branch"):
         madtp.alignment_loss(vision_only)
 
 
@@ -256,7 +262,8 @@ def test_layer_summaries_match_the_original_hidden_states(clip):
         hook.remove()
     vision_states, text_states = states["vision"], states["text"]
     madtp.apply(model, madtp.MADTPConfig(num_alignment_tokens=4))
-    run(model, **x)
+    with madtp.recording(model):
+        run(model, **x)
     records = model.madtp.records
     eot = (x["input_ids"] == EOS).int().argmax(-1)
     assert len(records["vision"].summaries) == len(vision_states) == 3

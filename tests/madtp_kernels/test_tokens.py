@@ -64,8 +64,10 @@ def make_prune_inputs(lengths, channels, seed, dtype, device, score_dtype=torch.
 
 
 def assert_pruned_matches(out, expected, dtype):
-    y, cu_new, idx = out
+    y, layout, idx = out
+    cu_new = layout.cu_seqlens
     ey, ecu, eidx = expected
+    assert layout.offsets == tuple(ecu.tolist()), "the returned layout's host offsets"
     assert torch.equal(cu_new.cpu(), ecu)
     assert torch.equal(idx.cpu(), eidx)
     assert y.dtype == dtype and y.shape == ey.shape
@@ -106,8 +108,8 @@ def test_prune_tokens_score_dtypes_and_edges(backend, device, score_dtype):
                                                 True), torch.float32)
     empty = torch.zeros(4, dtype=torch.int32, device=device)
     with mk.use_backend(backend):
-        y, cu_new, idx = mk.prune_tokens(x[:0], empty, scores[:0], threshold[:3])
-    assert y.shape == (0, 5) and idx.shape == (0,) and torch.equal(cu_new.cpu(), torch.zeros(4, dtype=torch.int32))
+        y, layout, idx = mk.prune_tokens(x[:0], empty, scores[:0], threshold[:3])
+    assert y.shape == (0, 5) and idx.shape == (0,) and torch.equal(layout.cu_seqlens.cpu(), torch.zeros(4, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("backend,device", backend_params("prune_tokens"))
@@ -192,8 +194,10 @@ def test_pack_unpack_roundtrip(backend, device, dtype, batch, use_mask, extra_di
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
     mask = torch.rand(len(lengths), n, generator=g) < 0.6 if use_mask else ref.prefix_mask(lengths_t, n)
     with mk.use_backend(backend):
-        packed, cu = mk.pack(x, mask=mask.to(device)) if use_mask else mk.pack(x, lengths_t.to(device))
-        assert cu.dtype == torch.int32
+        packed, layout = mk.pack(x, mask=mask.to(device)) if use_mask else mk.pack(x, lengths_t.to(device))
+        cu = layout.cu_seqlens
+        assert cu.dtype == torch.int32 and layout.offsets == tuple(cu.tolist())
+        assert layout.max_len == max([int(m.sum()) for m in mask], default=0)
         assert torch.equal(packed.cpu(), torch.cat([x.cpu()[b][mask[b]] for b in range(len(lengths))]
                                                    or [x.cpu()[:0, 0]]))
         assert torch.equal(cu.cpu().diff().long(), mask.sum(1))
@@ -221,7 +225,7 @@ def test_pack_unpack_gradcheck():
     x = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     torch.autograd.gradcheck(lambda x: mk.pack(x, mask=mask)[0], (x,))
-    packed, cu = mk.pack(x.detach(), mask=mask)
+    packed, cu = mk.pack(x.detach(), mask=mask).x, mk.pack(x.detach(), mask=mask).cu_seqlens
     torch.autograd.gradcheck(lambda p: mk.unpack(p, cu, max_len=6), (packed.requires_grad_(),))
 
 
@@ -232,6 +236,6 @@ def test_pack_unpack_opcheck(backend, device):
     impls = {op: _dispatch.implementations(op)[backend] for op in ("pack", "unpack")}
     torch.library.opcheck(impls["pack"], (x, mask))
     torch.library.opcheck(impls["pack"], (x.requires_grad_(), mask))
-    packed, cu = mk.pack(x.detach(), mask=mask)
+    packed, cu = mk.pack(x.detach(), mask=mask).x, mk.pack(x.detach(), mask=mask).cu_seqlens
     torch.library.opcheck(impls["unpack"], (packed, cu, 6, 0.5))
     torch.library.opcheck(impls["unpack"], (packed.requires_grad_(), cu, 6, 0.5))

@@ -58,6 +58,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import MADTPConfig
+from ..patch import recording
 from ..train import TrainConfig, Trainer, latest_checkpoint, seed_everything
 from .budget import (
     BRANCHES,
@@ -336,7 +337,8 @@ class DistillationTask:
             return self.task.forward(self.teacher, batch)[0].logits.detach()
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
-        out, logs = self.task.forward(model, batch)
+        with recording(_unwrap(model)):   # the alignment and summary terms, with or without autograd
+            out, logs = self.task.forward(model, batch)
         records = _unwrap(model).madtp.records
         need_summaries = self.beta_v or self.beta_t
         t_out = teacher_forward(self.teacher, **model_inputs(self.task, batch, self.teacher)) \
