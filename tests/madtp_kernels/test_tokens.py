@@ -109,7 +109,8 @@ def test_prune_tokens_score_dtypes_and_edges(backend, device, score_dtype):
     empty = torch.zeros(4, dtype=torch.int32, device=device)
     with mk.use_backend(backend):
         y, layout, idx = mk.prune_tokens(x[:0], empty, scores[:0], threshold[:3])
-    assert y.shape == (0, 5) and idx.shape == (0,) and torch.equal(layout.cu_seqlens.cpu(), torch.zeros(4, dtype=torch.int32))
+    assert y.shape == (0, 5) and idx.shape == (0,)
+    assert torch.equal(layout.cu_seqlens.cpu(), torch.zeros(4, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("backend,device", backend_params("prune_tokens"))
