@@ -43,11 +43,11 @@ def importance_grid(cu_seqlens: Tensor, received: Tensor, cls: Tensor, attn_out:
     terms = torch.stack((received.to(acc).amax(1)[index],
                          torch.bmm(cls.to(acc)[index], head_weight[:, :, None]).squeeze(-1),
                          al.amax(-1)), dim=-1)                                               # [B, L, 3]
-    out = ~cand[..., None]
-    lo = terms.masked_fill(out, float("inf")).amin(1, keepdim=True)
-    span = terms.masked_fill(out, float("-inf")).amax(1, keepdim=True) - lo
-    ok = ~out & (span > 0) & torch.isfinite(span)
-    normed = torch.where(ok, (terms - lo) / torch.where(ok, span, 1), 0)
+    # Min-max over the candidates; a constant term gives 0/0 = nan and a non-candidate is multiplied out:
+    # nan_to_num and one product stand in for the masks (fewer launches than where/isfinite chains).
+    lo = terms.masked_fill(~cand[..., None], float("inf")).amin(1, keepdim=True)
+    span = terms.masked_fill(~cand[..., None], float("-inf")).amax(1, keepdim=True) - lo
+    normed = torch.nan_to_num((terms - lo) / span, nan=0.0, posinf=0.0, neginf=0.0) * cand[..., None]
     return normed.sum(-1) / 3, cand, valid, index, al
 
 
@@ -55,9 +55,7 @@ def threshold_grid(tis: Tensor, cand: Tensor, al: Tensor, temperature: float) ->
     """theta [B] = min over alignment tokens k of sum_i softmax_i(A_ik / temperature) TIS_i over candidates i
     (0 for a sample without candidates). No gradient: the threshold is a decision."""
     logits = (al.detach() / temperature).masked_fill(~cand[..., None], float("-inf"))       # [B, L, K]
-    peak = logits.amax(1, keepdim=True)
-    e = torch.exp(logits - torch.where(torch.isfinite(peak), peak, 0))
-    weights = e / e.sum(1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+    weights = torch.softmax(logits, dim=1).nan_to_num(0.0)   # a sample without candidates: all -inf -> 0
     return torch.bmm(tis.detach()[:, None, :], weights).squeeze(1).amin(-1)
 
 
