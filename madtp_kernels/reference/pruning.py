@@ -43,11 +43,12 @@ def importance_grid(cu_seqlens: Tensor, received: Tensor, cls: Tensor, attn_out:
     terms = torch.stack((received.to(acc).amax(1)[index],
                          torch.bmm(cls.to(acc)[index], head_weight[:, :, None]).squeeze(-1),
                          al.amax(-1)), dim=-1)                                               # [B, L, 3]
-    # Min-max over the candidates; a constant term gives 0/0 = nan and a non-candidate is multiplied out:
-    # nan_to_num and one product stand in for the masks (fewer launches than where/isfinite chains).
+    # Min-max over the candidates (0 where a term is constant, and off the candidates). The divisor is made
+    # safe before dividing: the backward recomputes this, and 0/0 would give NaN gradients.
     lo = terms.masked_fill(~cand[..., None], float("inf")).amin(1, keepdim=True)
     span = terms.masked_fill(~cand[..., None], float("-inf")).amax(1, keepdim=True) - lo
-    normed = torch.nan_to_num((terms - lo) / span, nan=0.0, posinf=0.0, neginf=0.0) * cand[..., None]
+    ok = cand[..., None] & (span > 0)
+    normed = torch.where(ok, (terms - lo) / torch.where(ok, span, 1), 0)
     return normed.sum(-1) / 3, cand, valid, index, al
 
 

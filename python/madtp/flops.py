@@ -9,6 +9,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+# registers the kernels' and the dense SDPA ops' formulas, before any counter copies the registry
+import madtp_kernels.flops  # noqa: F401
+
 from .patch import find_towers
 
 

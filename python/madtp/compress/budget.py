@@ -137,18 +137,23 @@ class _Watcher:
         record = self.state.records.get(tower.spec.branch)
         kept = record.kept if record is not None else {}
         padded = self.state.execution == "padded"
+        training = self.state.recording or torch.is_grad_enabled()
         memory = self._memory_rows(inputs, batch)
         top = lambda t: torch.full_like(t, float(t.max()) if t.numel() else 0.0)  # noqa: E731
         layers = torch.zeros(len(tower.layer_names), 3, dtype=torch.float64)
         rest = dict.fromkeys(REST, 0.0)
         rest["samples"] = float(batch)
         for i, name in enumerate(tower.layer_names):
-            out = kept[name].double() if name in kept else rows
+            out = torch.tensor(kept[name], dtype=torch.float64) if name in kept else rows
             lin_in, lin_out = (top(rows), top(out)) if padded else (rows, out)
             pairs = lin_in * lin_in if padded or not tower.spec.causal else rows * (rows + 1) / 2
             layers[i] = torch.stack([lin_in.sum(), lin_out.sum(), memory.sum()])
-            rest["rows_scored"] += float(rows.sum())
-            rest["pool"] += float(top(rows).sum())
+            # Alignment scores run in pruning layers, and in every layer of a forward that records (training);
+            # the pooled features only there (madtp.executor).
+            if name in kept or training:
+                rest["rows_scored"] += float(rows.sum())
+            if training:
+                rest["pool"] += float(top(rows).sum())
             rest["pairs_pruning" if name in kept else "pairs_other"] += float(pairs.sum())
             rest["cross"] += float((lin_out * memory).sum())
             rows = out
