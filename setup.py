@@ -85,7 +85,7 @@ def _cuda_extension():
     ext = CUDAExtension(
         name="madtp_kernels._C",
         sources=[os.path.join(csrc, f) for f in ("module.cpp", "ops.cpp", "cusparselt.cpp", "sparse_gemm.cpp",
-                                                       "token_ops.cu", "varlen_attention.cu")],
+                                                       "token_ops.cu", "prune_ops.cu", "varlen_attention.cu")],
         include_dirs=[os.path.join(ROOT, csrc, "include"), os.path.join(lt_root, "include")],
         extra_compile_args={
             # cusparse.h (needed by cusparseLt.h and ATen's CUDAContext.h) via -isystem: searched after every

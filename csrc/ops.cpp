@@ -9,6 +9,9 @@ TORCH_LIBRARY_FRAGMENT(madtp_kernels, m) {
   m.def("unpack_cuda(Tensor packed, Tensor cu_seqlens, int max_len, float pad_value) -> Tensor");
   m.def("prune_tokens_cuda(Tensor x, Tensor cu_seqlens, Tensor scores, Tensor threshold, int keep_first, "
         "bool merge) -> (Tensor, Tensor, Tensor)");
+  m.def("score_and_prune_cuda(Tensor x, Tensor cu_seqlens, Tensor received, Tensor cls, Tensor attn_out, "
+        "Tensor align, float temperature, Tensor? protected, bool merge, int max_len) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("varlen_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? q_index, Tensor? kv_index, "
         "bool return_stats) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -27,6 +30,7 @@ TORCH_LIBRARY_IMPL(madtp_kernels, CUDA, m) {
   m.impl("pack_cuda", TORCH_FN(madtp::pack_cuda));
   m.impl("unpack_cuda", TORCH_FN(madtp::unpack_cuda));
   m.impl("prune_tokens_cuda", TORCH_FN(madtp::prune_tokens_cuda));
+  m.impl("score_and_prune_cuda", TORCH_FN(madtp::score_and_prune_cuda));
   m.impl("varlen_attention_cuda", TORCH_FN(madtp::varlen_attention_cuda));
   m.impl("cusparselt_compress", TORCH_FN(madtp::cusparselt_compress_cuda));
   m.impl("cusparselt_linear", TORCH_FN(madtp::cusparselt_linear_cuda));

@@ -17,6 +17,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_cuda(const at::Tenso
                                                                  const at::Tensor& scores, const at::Tensor& threshold,
                                                                  int64_t keep_first, bool merge);
 
+// prune_tokens_cuda's compaction into caller-owned buffers, queued on the current stream with no host sync:
+// y [T, C], kept_index [T] (rows at and past cu_out[B] left unwritten), cu_out [B + 1]. Inputs as checked by
+// prune_tokens_cuda. Not an op: the shared step of prune_tokens_cuda and score_and_prune_cuda.
+void prune_compact_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& scores,
+                        const at::Tensor& threshold, int64_t keep_first, bool merge, const at::Tensor& y,
+                        const at::Tensor& kept_index, const at::Tensor& cu_out);
+
+// Returns (y [T, C], cu_new [B + 1], kept_index [T], protected_new [T] or [0], importance [T], theta [B]): T-row
+// capacity outputs of which the first cu_new[B] rows are results, the rest zeros. No host sync.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_and_prune_cuda(
+    const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& received, const at::Tensor& cls,
+    const at::Tensor& attn_out, const at::Tensor& align, double temperature,
+    const std::optional<at::Tensor>& protected_rows, bool merge, int64_t max_len);
+
 // Returns (out [Tq, H, D], received [Tk, H], cls [Tk, H], lse [Tq, H]); the statistics are [0, H] unless
 // return_stats; lse (natural log, +inf for a query without keys) is always returned, for the backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda(

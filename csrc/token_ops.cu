@@ -150,6 +150,35 @@ at::Tensor unpack_cuda(const at::Tensor& packed, const at::Tensor& cu_seqlens, i
   return out;
 }
 
+void prune_compact_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& scores,
+                        const at::Tensor& threshold, int64_t keep_first, bool merge, const at::Tensor& y,
+                        const at::Tensor& kept_index, const at::Tensor& cu_out) {
+  const int64_t B = cu_seqlens.size(0) - 1;
+  if (B == 0) {
+    cu_out.zero_();
+    return;
+  }
+  auto workspace = at::empty({2 * B}, cu_out.options());  // kept counts, then fp32 weight sums
+
+  CompactParams p{};
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.batch = B;
+  p.cols = x.size(1);
+  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
+  p.scores = scores.data_ptr();
+  p.threshold = threshold.data_ptr();
+  p.score_type = score_type_of(scores);
+  p.keep_first = keep_first;
+  p.merge = merge;
+  p.kept_index = kept_index.data_ptr<int32_t>();
+  p.cu_out = cu_out.data_ptr<int32_t>();
+  p.kept = workspace.data_ptr<int32_t>();
+  p.weight_sum = reinterpret_cast<float*>(p.kept + B);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_float(x.scalar_type(), [&](auto tag) { launch_compact<decltype(tag), false>(p, stream); });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens,
                                                                  const at::Tensor& scores, const at::Tensor& threshold,
                                                                  int64_t keep_first, bool merge) {
@@ -173,25 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prune_tokens_cuda(const at::Tenso
   auto kept_index = at::empty({T}, x.options().dtype(at::kInt));
   auto cu_out = at::empty({B + 1}, kept_index.options());
   if (B == 0) return {y, cu_out.zero_(), kept_index};
-  auto workspace = at::empty({2 * B}, kept_index.options());  // kept counts, then fp32 weight sums
-
-  CompactParams p{};
-  p.x = x.data_ptr();
-  p.y = y.data_ptr();
-  p.batch = B;
-  p.cols = C;
-  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
-  p.scores = scores.data_ptr();
-  p.threshold = threshold.data_ptr();
-  p.score_type = score_type_of(scores);
-  p.keep_first = keep_first;
-  p.merge = merge;
-  p.kept_index = kept_index.data_ptr<int32_t>();
-  p.cu_out = cu_out.data_ptr<int32_t>();
-  p.kept = workspace.data_ptr<int32_t>();
-  p.weight_sum = reinterpret_cast<float*>(p.kept + B);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(x.scalar_type(), [&](auto tag) { launch_compact<decltype(tag), false>(p, stream); });
+  prune_compact_cuda(x, cu_seqlens, scores, threshold, keep_first, merge, y, kept_index, cu_out);
   const int64_t rows = total_rows(cu_out);
   return {y.narrow(0, 0, rows), cu_out, kept_index.narrow(0, 0, rows)};
 }
