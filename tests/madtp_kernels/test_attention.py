@@ -118,6 +118,31 @@ def test_gradients_match_oracle(backend, device):
         torch.testing.assert_close(got.cpu().double(), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("return_stats", [False, True], ids=["plain", "stats"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_scores_accumulate_in_fp32_torch(dtype, return_stats):
+    # The backward recomputes P = exp(s - lse) with fp32 scores, so the forward's lse must come from fp32 scores
+    # too: scores rounded to the half dtype put it 6e-4 (fp16) to 4e-3 (bf16) off, the CPU flash kernel's half path
+    # 3e-5. With one key per query P is then exactly 1 and dV must equal dO bit for bit, as plain PyTorch gets it.
+    op = _dispatch.implementations("varlen_attention")["torch"]
+    inputs = make_inputs([1] * 40 + [7, 30], [1] * 40 + [7, 30], 3, 64, dtype, seed=13)
+    q, k, v, cu = inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens_q"]
+    _, _, _, lse = op(q, k, v, cu, cu, 30, 30, 0.125, False, None, None, return_stats)
+    bounds = cu.tolist()
+    for b in range(len(bounds) - 1):
+        qb, kb = (t[bounds[b]:bounds[b + 1]].float().transpose(0, 1) for t in (q, k))
+        want = torch.logsumexp(torch.matmul(qb, kb.transpose(1, 2)) * 0.125, -1).transpose(0, 1)
+        torch.testing.assert_close(lse[bounds[b]:bounds[b + 1]], want, atol=1e-5, rtol=1e-6)
+    single = 40  # rows of the one-token sequences
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with mk.use_backend("torch"):
+        result = mk.varlen_attention(*leaves, cu, return_stats=return_stats)
+        out = result[0] if return_stats else result
+        (dv,) = torch.autograd.grad(out, leaves[2], grad_out)
+    assert torch.equal(dv[:single], grad_out[:single])
+
+
 @pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
 def test_opcheck(backend, device):
     inputs = make_inputs([3, 0, 5], [2, 4, 5], 2, 32, torch.float32, seed=1, index_kv=True, device=device)
@@ -160,3 +185,32 @@ def test_compiled_module_has_no_graph_breaks():
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e)
     got[0].sum().backward()
+
+
+# More sequences than a kernel scans per step while it looks up its tile (64), with empty sequences, a long one
+# past the first chunk and different query and key lengths: every pass (forward, statistics, dq, dk/dv) finds
+# its (sequence, block) tile across chunk boundaries.
+MANY_Q = [(7 * i) % 11 if i % 9 else 0 for i in range(150)]
+MANY_K = [(5 * i) % 13 if i % 7 else 0 for i in range(150)]
+MANY_Q[100] = MANY_K[100] = 75
+
+
+@pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
+@pytest.mark.parametrize("causal", [False, True])
+def test_many_sequences(backend, device, causal):
+    case = dict(lengths_q=MANY_Q, lengths_k=MANY_K, heads=1, head_dim=32, causal=causal, index_q=False,
+                index_kv=False, seed=17)
+    check_against_oracle(backend, device, torch.float32, case)
+    inputs = make_inputs(MANY_Q, MANY_Q, 1, 32, torch.float32, seed=19, device=device)
+    leaves = {n: inputs.pop(n).requires_grad_() for n in ("q", "k", "v")}
+    weights = torch.randn(sum(MANY_Q), 1, 32, generator=torch.Generator().manual_seed(1)).to(device)
+    with mk.use_backend(backend):
+        out = mk.varlen_attention(**leaves, **inputs, causal=causal)
+        grads = torch.autograd.grad((out * weights).sum(), list(leaves.values()))
+    ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
+    cpu = {n: t.cpu() for n, t in inputs.items() if t is not None}
+    want = oracle_attention(ref["q"], ref["k"], ref["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"],
+                            scale=32 ** -0.5, causal=causal)[0]
+    want_grads = torch.autograd.grad((want * weights.cpu().double()).sum(), list(ref.values()))
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got.cpu().double(), expected, atol=1e-4, rtol=1e-4)
