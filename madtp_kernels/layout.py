@@ -51,9 +51,19 @@ class RaggedLayout:
         return cls(cu_seqlens, values, longest)
 
     @classmethod
-    def _read(cls, cu_seqlens: Tensor) -> RaggedLayout:
-        """Trusted device offsets an op just made: the one host read (row count and longest length together)."""
-        return cls._from_host(cu_seqlens, cu_seqlens.tolist())
+    def _read(cls, cu_seqlens: Tensor, bound: int | None = None) -> RaggedLayout:
+        """Trusted device offsets an op just made: the one host read (row count and longest length together).
+
+        `bound`: a known upper bound on the lengths (the input's longest, for an op that only removes rows).
+        Under torch.compile the offsets are unbacked symbols and max_len is that static bound instead of the
+        exact longest: max_len sizes grids and padding, where a bound is as good, and a static one keeps
+        data-dependent integers out of every op that follows."""
+        values = cu_seqlens.tolist()
+        if _tracing() and bound is not None:
+            for a, b in zip(values[:-1], values[1:], strict=True):
+                torch._check(b - a <= bound)
+            return cls(cu_seqlens, tuple(values), bound)
+        return cls._from_host(cu_seqlens, values)
 
     @property
     def batch(self) -> int:
@@ -86,7 +96,7 @@ def resolve(cu_seqlens, name: str, rows: int) -> tuple[Tensor, RaggedLayout | No
     RaggedLayout (trusted: only its row count is compared, on the host) or a plain tensor (validated as ever:
     host offsets come back, None while tracing)."""
     if isinstance(cu_seqlens, RaggedLayout):
-        if cu_seqlens.rows != rows and not _tracing():
+        if not _tracing() and cu_seqlens.rows != rows:
             raise ValueError(f"{name}: the layout has {cu_seqlens.rows} rows, expected {rows}")
         return cu_seqlens.cu_seqlens, cu_seqlens, None
     checks.check_tensor(cu_seqlens, name)

@@ -41,7 +41,7 @@ class ScoredTokens(NamedTuple):
 
 
 def _triton():
-    from .triton import pruning   # first use: Triton reads TRITON_INTERPRET when kernels are decorated
+    from .triton import pruning  # first use: Triton reads TRITON_INTERPRET when kernels are decorated
     return pruning
 
 
@@ -153,7 +153,9 @@ def score_and_prune(x: Tensor, layout: RaggedLayout | Tensor, stats: AttentionSt
         x.contiguous(), cu.contiguous(), received.contiguous(), cls.contiguous(), attn_out.contiguous(),
         align_scores.contiguous(), float(temperature), None if protected is None else protected.contiguous(),
         merge, max_len)
-    new = RaggedLayout._read(cu_new)   # the one host read: row count and longest length together
+    new = RaggedLayout._read(cu_new, bound=max_len)   # the one host read: row count and longest length
     n = new.rows
+    torch._check(0 <= n)   # under torch.compile n is an unbacked symbol: the slices below then share it
+    torch._check(n <= rows)
     return ScoredTokens(y[:n], new, kept_index[:n], None if protected is None else protected_new[:n],
                         importance, theta)

@@ -159,7 +159,7 @@ def pack(x: Tensor, lengths: Tensor | None = None, *, mask: Tensor | None = None
     impl = _dispatch.select("pack", x.device, x.dtype)
     feature_shape = x.shape[2:]
     packed, cu = impl(x.reshape(batch, n, math.prod(feature_shape)).contiguous(), mask.contiguous())
-    return Packed(packed.reshape(packed.shape[0], *feature_shape), RaggedLayout._read(cu))
+    return Packed(packed.reshape(packed.shape[0], *feature_shape), RaggedLayout._read(cu, bound=n))
 
 
 def unpack(packed: Tensor, cu_seqlens: Tensor | RaggedLayout, *, max_len: int | None = None,
@@ -194,7 +194,9 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor | RaggedLayout, scores: Tensor, t
         checks.check_tensor(t, name)
     checks.check_same_device(x, "x", cu_seqlens=layout_cu, scores=scores, threshold=threshold)
     checks.check_ndim(x, "x", 2, "2-D [T, C]")
-    cu_seqlens, _, _ = resolve(cu_seqlens, "cu_seqlens", x.shape[0])
+    cu_seqlens, given, offsets = resolve(cu_seqlens, "cu_seqlens", x.shape[0])
+    bound = given.max_len if given is not None else (
+        max_len_of(None, "cu_seqlens", None, offsets) if offsets is not None else None)
     batch = cu_seqlens.shape[0] - 1
     checks.check_floating(scores, "scores")
     if tuple(scores.shape) != (x.shape[0],):
@@ -209,4 +211,4 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor | RaggedLayout, scores: Tensor, t
     impl = _dispatch.select("prune_tokens", x.device, x.dtype, scores.dtype)
     y, cu_new, kept_index = impl(x.contiguous(), cu_seqlens.contiguous(), scores.contiguous(),
                                  threshold.contiguous(), keep_first, merge)
-    return PrunedTokens(y, RaggedLayout._read(cu_new), kept_index)
+    return PrunedTokens(y, RaggedLayout._read(cu_new, bound=bound), kept_index)

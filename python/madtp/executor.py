@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from madtp_kernels import AttentionStats, RaggedLayout, pack, unpack, varlen_attention
+from madtp_kernels.reference.tokens import offsets_of
 
 from . import pruning
 from .pruning import Layout
@@ -177,9 +178,14 @@ def run_layers(layers, layer_fn, x: Tensor, valid: Tensor, protected: Tensor | N
         positions = torch.arange(n, device=x.device).repeat(batch)
         prot = protected.reshape(-1) if protected is not None else None
     else:
-        rows, ragged = pack(x, valid)
-        positions = torch.arange(n, device=x.device).expand(batch, n)[valid]     # row-major = packed order
-        prot = protected.to(valid.device)[valid] if protected is not None else None
+        # One selection of the valid tokens for the rows, their positions and their protected flags (under
+        # torch.compile one data-dependent size, not three that it cannot prove equal).
+        flat = valid.reshape(-1).nonzero().squeeze(1)
+        rows = x.reshape(batch * n, x.shape[-1]).index_select(0, flat)
+        ragged = RaggedLayout._read(offsets_of(valid.sum(1, dtype=torch.int32)), bound=n)
+        torch._check(ragged.rows == rows.shape[0])
+        positions = flat % n
+        prot = protected.to(valid.device).reshape(-1).index_select(0, flat) if protected is not None else None
     layout = Layout(ragged, prot, positions)
     record = BranchRecord()
     if execution == "ragged":

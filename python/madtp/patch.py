@@ -59,6 +59,7 @@ class MADTPState(nn.Module):
                             "text": default if config.prune_text else None}
         self.execution = config.execution
         self.recording = False   # record training work (pooled features, summaries) without autograd
+        self.record_outputs = False   # something reads the tower outputs' layouts (BLIP's cross-attention)
         self.records: dict[str, executor.BranchRecord] = {}
         self._inputs: dict[int, TowerInputs] = {}
         self._pending: dict[int, OutputLayout] = {}   # encoder -> layout, until its tower's output is known
@@ -139,6 +140,8 @@ def apply(model: nn.Module, config: MADTPConfig | None = None) -> nn.Module:
             if target is not None:
                 _hook(state, target, functools.partial(patch.hook, state.output_layout), pre=True,
                       with_kwargs=True)
+                state.record_outputs = True
+    state.record_outputs |= any(t.spec.cross_attends for t in towers)
     model.add_module(ATTRIBUTE, state)
     return model
 
@@ -153,6 +156,8 @@ def _read_inputs(state: MADTPState, tower: Tower, module, args, kwargs):
 
 def _record_output(state: MADTPState, tower: Tower, module, args, output):
     layout = state._pending.pop(id(tower.encoder), None)
+    if not state.record_outputs:   # nothing would read it (CLIP): no weak-dict traffic, nothing for compile
+        return
     hidden = output[0] if isinstance(output, (tuple, ModelOutput)) else None
     if layout is not None and isinstance(hidden, Tensor) and hidden.shape[:2] == layout.valid.shape:
         state._outputs[hidden] = layout

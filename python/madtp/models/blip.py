@@ -109,7 +109,7 @@ VISION = TowerSpec(branch="vision", tower_types=(hf.BlipVisionModel,), encoder_t
 TEXT = TowerSpec(branch="text", tower_types=(hf_text.BlipTextModel,), encoder_type=hf_text.BlipTextEncoder,
                  layer_type=hf_text.BlipTextLayer, layer_fn=text_layer, inputs=_text_inputs, output="positions",
                  not_inside=(hf_text.BlipTextLMHeadModel, hf.BlipForQuestionAnswering),
-                 encoder_output=BaseModelOutputWithPastAndCrossAttentions)
+                 encoder_output=BaseModelOutputWithPastAndCrossAttentions, cross_attends=True)
 
 SPECS = (VISION, TEXT)
 MODELS = (hf.BlipForImageTextRetrieval, hf.BlipForQuestionAnswering, hf.BlipForConditionalGeneration)

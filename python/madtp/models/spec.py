@@ -32,6 +32,7 @@ class TowerSpec:
     not_inside: tuple = ()            # a tower_types module inside one of these (the model itself included) is
                                       # not this tower and stays as it is
     encoder_output: type | None = None   # what the replaced encoder forward returns (None: BaseModelOutput)
+    cross_attends: bool = False       # its layers may read another tower's recorded output (BLIP's text)
 
     def matches(self, module, ancestors=()) -> bool:
         """`ancestors`: the modules that contain `module`, the model first."""
