@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import madtp_kernels as mk
-from madtp_kernels import _dispatch, attention, tokens
+from madtp_kernels import _dispatch, attention, pruning, tokens
 
 needs_extension = pytest.mark.skipif(not _dispatch.BACKENDS["cuda"].is_available(),
                                      reason="madtp_kernels._C not built")
@@ -14,7 +14,7 @@ def _signature(op_packet) -> str:
     return schema[schema.index("("):]
 
 
-SCHEMAS = {**tokens.SCHEMAS, "varlen_attention": attention.SCHEMA}
+SCHEMAS = {**tokens.SCHEMAS, "varlen_attention": attention.SCHEMA, "score_and_prune": pruning.SCHEMA}
 
 
 @needs_extension
@@ -33,6 +33,12 @@ def test_cuda_op_refuses_cpu_tensors():
         torch.ops.madtp_kernels.prune_tokens_cuda(x, cu, torch.rand(4), torch.rand(1), 1, True)
     with mk.use_backend("cuda"), pytest.raises(TypeError, match="backend 'cuda'"):
         mk.prune_tokens(x, cu, torch.rand(4), torch.rand(1))
+    stats = (torch.rand(4, 2), torch.rand(4, 2))
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.ops.madtp_kernels.score_and_prune_cuda(x, cu, *stats, torch.randn(4, 2, 8), torch.randn(4, 3), 1.0,
+                                                     None, True, 4)
+    with mk.use_backend("cuda"), pytest.raises(TypeError, match="backend 'cuda'"):
+        mk.score_and_prune(x, cu, stats, torch.randn(4, 2, 8), torch.randn(4, 3), temperature=1.0)
 
 
 @needs_extension
