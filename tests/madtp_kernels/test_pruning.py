@@ -188,6 +188,16 @@ def test_long_sample_many_alignment_tokens(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
+def test_sharp_softmax_across_token_tiles(backend, device):
+    # tau = 1e-3 turns alignment gaps of ~0.1 into exponents past fp32's range: a softmax over token tiles
+    # that does not carry its running max across tiles overflows.
+    lengths = [300, 5, 0, 140]
+    inputs = make_inputs(lengths, channels=9, tokens=37, seed=13, protect=0.1)
+    out = run(backend, device, *inputs, 1e-3, True)
+    check_against_oracle(out, lengths, inputs, 1e-3, True)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
 def test_layout_in_and_out(backend, device):
     lengths = [5, 9, 2]
     x, cu, received, cls, attn_out, align, protected = make_inputs(lengths)
@@ -248,6 +258,97 @@ def test_opcheck(backend, device):
     x.requires_grad_(), attn_out.requires_grad_(), align.requires_grad_()
     op = getattr(torch.ops.madtp_kernels, f"score_and_prune_{backend}")
     torch.library.opcheck(op, (x, cu, received, cls, attn_out, align, 0.5, protected, True, 7))
+
+
+# ------------------------------------------------------------------ the Triton launcher's own contract
+
+TRITON = [p for p in PARAMS if p.id.startswith("triton")]
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_many_samples_with_skew(backend, device, dtype):
+    # 97 samples (one program each), one ~100x longer than the rest, real head shapes and K = 100 (two
+    # alignment-token tiles), C = 130 (not a multiple of the compaction's column block).
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(0, 12, (97,), generator=g).tolist()
+    lengths[40] = 700
+    inputs = make_inputs(lengths, channels=130, heads=12, head_dim=64, tokens=100, seed=9, dtype=dtype,
+                         protect=0.1)
+    out = run(backend, device, *inputs, 0.3, True)
+    check_against_oracle(out, lengths, inputs, 0.3, True)
+
+
+@pytest.mark.parametrize("backend,device", TRITON)
+@pytest.mark.parametrize("protect", [0.0, 0.3])
+def test_raw_outputs_match_the_torch_backend_and_capacity_is_zeros(backend, device, protect):
+    lengths = [6, 0, 9, 1, 70, 4]
+    x, cu, received, cls, attn_out, align, protected = make_inputs(lengths, channels=70, protect=protect, seed=4)
+    args = (x, cu, received, cls, attn_out, align, 0.5, protected, True, max(lengths))
+    got = getattr(torch.ops.madtp_kernels, f"score_and_prune_{backend}")(*(
+        a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+    want = torch.ops.madtp_kernels.score_and_prune_torch(*args)
+    for g_, w in zip(got, want, strict=True):
+        assert g_.shape == w.shape and g_.dtype == w.dtype
+    y, cu_new, kept, prot_new, importance, theta = (t.cpu() for t in got)
+    n = int(cu_new[-1])
+    assert 0 < n < x.shape[0], "the case must leave capacity rows"
+    assert torch.equal(cu_new, want[1]) and torch.equal(kept[:n], want[2][:n])
+    keep = kept[:n] >= 0
+    assert (~keep).any(), "the case must merge"
+    assert torch.equal(y[:n][keep], want[0][:n][keep])
+    torch.testing.assert_close(y[:n][~keep], want[0][:n][~keep])
+    torch.testing.assert_close(importance, want[4])
+    torch.testing.assert_close(theta, want[5])
+    # Capacity rows are not results but must not depend on the run: zeros.
+    assert not y[n:].any() and not kept[n:].any()
+    if protected is not None:
+        assert torch.equal(prot_new[:n], want[3][:n]) and not prot_new[n:].any()
+
+
+@pytest.mark.parametrize("backend,device", [p for p in TRITON if p.id.endswith("cpu")])
+def test_launches_and_no_host_read(backend, device, monkeypatch):
+    # The launcher's cost on a GPU: 3 Triton kernels plus the aten ops it dispatches (counted with the
+    # interpreted kernels' own tensor traffic excluded), none of which reads a value back to the host.
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    from madtp_kernels.triton import pruning as triton_pruning
+
+    launches = []
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.kernel.__name__)
+            launch = self.kernel[grid]
+
+            def call(*args, **kwargs):
+                with _disable_current_modes():
+                    return launch(*args, **kwargs)
+            return call
+
+    for name in ("_score_kernel", "_compact_kernel", "_finish_kernel"):
+        monkeypatch.setattr(triton_pruning, name, Counted(getattr(triton_pruning, name)))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, cu, received, cls, attn_out, align, protected = make_inputs([5, 0, 9, 1], protect=0.3)
+    with Ops() as mode:
+        triton_pruning.score_and_prune(x, cu, received, cls, attn_out, align, 0.5, protected, True, 9)
+    no_kernel = {"empty", "empty_like", "view", "slice", "detach", "alias"}
+    device_ops = [op for op in mode.ops if op not in no_kernel]
+    assert launches == ["_score_kernel", "_compact_kernel", "_finish_kernel"]
+    assert sorted(device_ops) == ["cumsum", "zeros"], mode.ops
+    assert len(launches) + len(device_ops) <= 12
 
 
 # ------------------------------------------------------------------ bad input
