@@ -85,6 +85,7 @@ MODELS = {"clip-vit-b16": _clip, "blip-base-retrieval": _blip}
 
 def _count(model, inputs, backend: str):
     import madtp
+
     import madtp_kernels as mk
     from madtp_kernels.tools.launches import LaunchCounter
     with torch.no_grad(), mk.use_backend(backend):
