@@ -299,7 +299,7 @@ def _gpu(g) -> str:
 
 def render(machine: dict, rows: list[Row], *, meta: dict | None = None, plots: dict[str, str] | None = None,
            output_dir: str = ".", bench_command: str | None = None, report_command: str | None = None,
-           install: dict | None = None) -> str:
+           install: dict | None = None, launches: list[dict] | None = None) -> str:
     meta = dict(meta or {}, machine_info=machine)
     plots = plots or {}
     groups: dict[str, list[Row]] = defaultdict(list)
@@ -349,6 +349,8 @@ def render(machine: dict, rows: list[Row], *, meta: dict | None = None, plots: d
         out += ["No op-level group records a keep ratio that varies within it, so the op tables have no plots.",
                 ""]
 
+    if launches:
+        out += launch_section(launches)
     out += ["## Predicted H100 time (lower bound, not measured)", "",
             "Computed from the bytes and FLOPs recorded for the sizes of the measured run, not timed: the best "
             "any implementation could do there on an H100, not what ours does. The rates are those of fp16/bf16 "
@@ -376,6 +378,37 @@ def render(machine: dict, rows: list[Row], *, meta: dict | None = None, plots: d
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+def launch_section(records: list[dict]) -> list[str]:
+    """The launch and sync budget (benchmarks/launch_budget.py): counted exactly on CPU, with a GPU time that is
+    a prediction from those counts."""
+    out = ["## Counted: kernel launches and host syncs per forward", "",
+           "Counted, not timed, by `python benchmarks/launch_budget.py` (`madtp_kernels.tools.launches`): every aten "
+           "op that does work, every Triton launch (under TRITON_INTERPRET on CPU) and everything inside "
+           "madtp_kernels' custom ops; host syncs are `.item()`/`bool()`/`.tolist()` and value-dependent sizes "
+           "(`nonzero`). Per layer: (this row - dense) / pruning layers (every layer prunes). Random weights; the "
+           "Triton configs are cut down (the interpreter is slow): per-layer counts do not depend on batch or image "
+           "size, except the torch backend's attention, which loops over the batch's sequences.", "",
+           "Predicted GPU ms (a prediction, not a measurement; no GPU has run this): FLOPs / 989 TFLOP/s (H100 SXM "
+           "dense fp16) + launches x 5 us + syncs x 15 us.", "",
+           "| model | backend | batch | layers | execution | launches | syncs | per layer: +launches | +syncs "
+           "| GFLOPs | predicted GPU ms |", "|" + "---|" * 11]
+    dense = {}
+    for r in records:
+        key = (r["model"], r["backend"])
+        if r["execution"] == "dense":
+            dense[key] = r
+        d = dense.get(key, r)
+        out.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['layers']} | {r['execution']} | "
+                   f"{r['launches']} | {r['syncs']} | {(r['launches'] - d['launches']) / r['layers']:+.1f} | "
+                   f"{(r['syncs'] - d['syncs']) / r['layers']:+.2f} | {r['gflops']:.1f} | {r['predicted_ms']:.2f} |")
+    return out + [""]
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def default_plots_dir(output: str) -> str:
     """benchmarks/plots beside a BENCHMARKS.md at the repository root, else plots/ beside the output."""
     here = os.path.dirname(os.path.abspath(output))
@@ -395,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--info", metavar="FILE", help="output of `python -P -m madtp_kernels.tools.info --json` "
                         "for the install that ran the benchmarks")
     parser.add_argument("--bench-command", help="the command that produced the JSON (default: inferred from it)")
+    parser.add_argument("--launches", metavar="FILE", help="the JSON of benchmarks/launch_budget.py --json")
     args = parser.parse_args(argv)
     meta, rows = load_json(args.json)
     if not rows:
@@ -410,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     report_command = "python benchmarks/report.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = render(meta.get("machine_info", {}), rows, meta=meta, plots=written,
                   output_dir=os.path.dirname(os.path.abspath(args.output)), bench_command=args.bench_command,
-                  report_command=report_command, install=install)
+                  report_command=report_command, install=install,
+                  launches=_read_json(args.launches) if args.launches else None)
     with open(args.output, "w") as f:
         f.write(text)
     print(f"wrote {args.output}: {len(rows)} results in {len(groups)} groups, {len(written)} plots")

@@ -158,3 +158,13 @@ def test_gpu_sh_is_shellcheck_clean():
     if shellcheck is None:
         pytest.skip("shellcheck not installed")
     subprocess.run([shellcheck, str(ROOT / "benchmarks" / "gpu.sh")], check=True)
+
+
+def test_launch_section_reports_per_layer_deltas_and_the_prediction(report):
+    rows = [dict(model="clip-vit-b16", backend="triton", batch=2, layers=4, execution=e, launches=n, syncs=s,
+                 gflops=g, predicted_ms=p) for e, n, s, g, p in
+            (("dense", 60, 0, 70.0, 0.37), ("ragged", 100, 4, 20.0, 0.62))]
+    text = "\n".join(report.launch_section(rows))
+    assert "| clip-vit-b16 | triton | 2 | 4 | ragged | 100 | 4 | +10.0 | +1.00 | 20.0 | 0.62 |" in text
+    assert "| clip-vit-b16 | triton | 2 | 4 | dense | 60 | 0 | +0.0 | +0.00 | 70.0 | 0.37 |" in text
+    assert "prediction, not a measurement" in text
