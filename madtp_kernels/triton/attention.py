@@ -4,11 +4,15 @@ The launchers receive inputs that `madtp_kernels.attention` has already validate
 (CUDA, or CPU under TRITON_INTERPRET=1), one dtype, q [Pq, H, D] and k/v [Pk, H, D] (physical rows),
 cu_seqlens int32 [B+1] over LOGICAL rows, optional int32 indices mapping logical rows to physical rows.
 
-Work decomposition. Every pass runs over a flat list of (sequence, block) tiles built on the device with torch
-ops (`_tile_table`), grid = (tiles, H): a batch with one 1000x longer sequence launches one program per block
-of it, not B x cdiv(max_seqlen, BLOCK) programs of which most would exit at once. The table's length is the
-host-side bound min(B * cdiv(max_seqlen, BLOCK), B + T // BLOCK) (no device sync); the few surplus programs
-find a sequence id of B and exit.
+Work decomposition. Every pass runs over a flat list of (sequence, block) tiles, grid = (tiles, H): a batch
+with one 1000x longer sequence launches one program per block of it, not B x cdiv(max_seqlen, BLOCK) programs
+of which most would exit at once. The forward and the statistics (the inference path) build no table: each
+program finds its own tile from cu_seqlens of the tiled side (`_tile_bounds`: a chunked cumsum of
+cdiv(len_b, BLOCK) over the B sequences), so a pass is one launch and no torch op. The backward passes read a
+work list built on the device with torch ops (`_tile_table`, `_listed_tile_bounds`): the scan made the dq
+kernel spill on sm_80, and the backward is not where launches cost a pruned model its speed. The grid's length
+is the host-side bound min(B * cdiv(max_seqlen, BLOCK), B + T // BLOCK) (no device sync); the few surplus
+programs find a sequence id of B and exit.
 
 Forward (FlashAttention-2): one program per (query block, head) streams the key blocks with an online softmax
 in base 2 (scale * log2(e) folded into the scores), fp32 accumulation, and stores out and the per-row natural
@@ -40,6 +44,12 @@ from . import AotSpec
 # Kernels spell log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 as literals: a plain global is
 # not a compile-time constant to triton.jit.
 _LOG2E = 1.4426950408889634
+
+# Sequences a program reads per step while it looks up its tile in cu_seqlens (`_tile_bounds`): 64, or 32 for
+# fp32 (`_tile_bounds`' FP32). The fp32 kernels (FMA dots, 8 warps, 48..64 registers) sit at ptxas' occupancy steps,
+# where it spills a few long-lived scalars rather than use one register more; the widths and the fp32 epilogue
+# re-reads below are the combination found to compile with no spill for every specialisation on sm_80 and sm_90.
+# (Both are tied to ptxas' choices, not to a model of the register file: re-check with the AOT report.)
 
 
 @dataclass(frozen=True)
@@ -119,8 +129,43 @@ def _load_tile(ptr, index_ptr, logical, ok, h, H, offs_d, HAS_INDEX: tl.constexp
 
 
 @triton.jit
-def _tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr):
-    """(sequence, block start, q start, q length, k start, k length) of this program's tile."""
+def _tile_bounds(cu_tiled_ptr, num_seqs, cu_q_ptr, cu_k_ptr, BLOCK: tl.constexpr, FP32: tl.constexpr):
+    """(sequence, block start, q start, q length, k start, k length) of this program's tile.
+
+    Tile t of the flat work list is block t - first(seq) of sequence seq, where the tiled side (cu_tiled_ptr:
+    cu_q_ptr or cu_k_ptr, BLOCK rows a tile) gives sequence b nblk_b = cdiv(len_b, BLOCK) tiles and
+    first(b) = sum of nblk over the sequences before b. The program finds its own seq by scanning the B
+    lengths BLOCK_B at a time with a running cumsum `ends`: seq = #(ends <= t). Programs past the last tile
+    get seq = num_seqs and must exit; the other fields are then those of the last sequence (never past cu[B]).
+    """
+    tile = tl.program_id(0)
+    BLOCK_B: tl.constexpr = 32 if FP32 else 64
+    offs_b = tl.arange(0, BLOCK_B)
+    seq = tile * 0
+    first_tile = tile * 0
+    base = tile * 0  # tiles of the sequences before this chunk
+    for b0 in range(0, num_seqs, BLOCK_B):
+        b = b0 + offs_b
+        b_ok = b < num_seqs
+        lens = tl.load(cu_tiled_ptr + b + 1, mask=b_ok, other=0) - tl.load(cu_tiled_ptr + b, mask=b_ok, other=0)
+        nblk = (lens + (BLOCK - 1)) // BLOCK
+        ends = base + tl.cumsum(nblk, 0)
+        before = b_ok & (ends <= tile)  # sequences wholly before this tile (a prefix: ends never decreases)
+        seq += tl.sum(before.to(tl.int32), 0)
+        first_tile += tl.sum(tl.where(before, nblk, 0), 0)
+        base += tl.sum(nblk, 0)
+    block_start = (tile - first_tile) * BLOCK
+    s = tl.minimum(seq, num_seqs - 1)
+    q_start = tl.load(cu_q_ptr + s)
+    q_len = tl.load(cu_q_ptr + s + 1) - q_start
+    k_start = tl.load(cu_k_ptr + s)
+    k_len = tl.load(cu_k_ptr + s + 1) - k_start
+    return seq, block_start, q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _listed_tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr):
+    """`_tile_bounds` from a device-built work list (`_tile_table`): the backward's, off the inference path."""
     tile = tl.program_id(0)
     seq = tl.load(tiles_ptr + tile)
     block_start = tl.load(tiles_ptr + num_tiles + tile)
@@ -179,12 +224,13 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, kv_index_ptr, k_start, k_len, h, 
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_index_ptr, kv_index_ptr, cu_q_ptr, cu_k_ptr, tiles_ptr,
-                num_tiles, num_seqs, H, qk_scale,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_index_ptr, kv_index_ptr, cu_q_ptr, cu_k_ptr,
+                num_seqs, H, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr):
-    seq, m_start, q_start, q_len, k_start, k_len = _tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr)
-    if seq >= num_seqs:  # surplus entry of the tile table
+    seq, m_start, q_start, q_len, k_start, k_len = _tile_bounds(cu_q_ptr, num_seqs, cu_q_ptr, cu_k_ptr, BLOCK_M,
+                                                                q_ptr.dtype.element_ty == tl.float32)
+    if seq >= num_seqs:  # past the last tile
         return
     h = tl.program_id(1)
     offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -207,6 +253,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_index_ptr, kv_index_ptr
     empty = l_i == 0.0  # no allowed key: output 0, log-sum-exp +inf (so that exp(s - lse) is 0 downstream)
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if q_ptr.dtype.element_ty == tl.float32:
+        # Re-read the rows' start and length rather than keep them (and the q load's 64-bit row offsets) live
+        # across the key loops, where ptxas would spill them (see the note after _LOG2E). seq < num_seqs.
+        q_start = tl.load(cu_q_ptr + seq, volatile=True)
+        m_ok = offs_m < tl.load(cu_q_ptr + seq + 1, volatile=True) - q_start
     logical = (q_start + offs_m).to(tl.int64)
     tl.store(out_ptr + _row_offsets(logical, h, H, offs_d, HEAD_DIM), out.to(out_ptr.dtype.element_ty),
              mask=_row_mask(m_ok, offs_d, HEAD_DIM, BLOCK_D))
@@ -215,10 +266,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, q_index_ptr, kv_index_ptr
 
 @triton.jit
 def _stats_kernel(q_ptr, k_ptr, lse_ptr, received_ptr, cls_ptr, q_index_ptr, kv_index_ptr, cu_q_ptr, cu_k_ptr,
-                  tiles_ptr, num_tiles, num_seqs, H, qk_scale,
+                  num_seqs, H, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr):
-    seq, n_start, q_start, q_len, k_start, k_len = _tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr)
+    seq, n_start, q_start, q_len, k_start, k_len = _tile_bounds(cu_k_ptr, num_seqs, cu_q_ptr, cu_k_ptr, BLOCK_N,
+                                                                q_ptr.dtype.element_ty == tl.float32)
     if seq >= num_seqs:
         return
     h = tl.program_id(1)
@@ -247,6 +299,9 @@ def _stats_kernel(q_ptr, k_ptr, lse_ptr, received_ptr, cls_ptr, q_index_ptr, kv_
         received += tl.sum(p, axis=0)
         if m == 0:
             cls = tl.sum(tl.where(offs_m[:, None] == 0, p, 0.0), axis=0)
+    if q_ptr.dtype.element_ty == tl.float32:  # re-read, as in the forward's epilogue
+        k_start = tl.load(cu_k_ptr + seq, volatile=True)
+        n_ok = offs_n < tl.load(cu_k_ptr + seq + 1, volatile=True) - k_start
     out_offs = (k_start + offs_n).to(tl.int64) * H + h
     tl.store(received_ptr + out_offs, received, mask=n_ok)
     tl.store(cls_ptr + out_offs, cls, mask=n_ok)
@@ -284,7 +339,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_
     With HAS_Q_INDEX, dq_ptr is a zeroed fp32 [Pq, H, D] buffer that receives atomic adds at physical rows
     (an index may repeat a row); otherwise it is the [Tq, H, D] result in q's dtype.
     """
-    seq, m_start, q_start, q_len, k_start, k_len = _tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr)
+    seq, m_start, q_start, q_len, k_start, k_len = _listed_tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr)
     if seq >= num_seqs:
         return
     h = tl.program_id(1)
@@ -327,7 +382,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     With HAS_KV_INDEX, dk_ptr/dv_ptr are zeroed fp32 [Pk, H, D] buffers receiving atomic adds at physical
     rows; otherwise the [Tk, H, D] results in k's dtype.
     """
-    seq, n_start, q_start, q_len, k_start, k_len = _tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr)
+    seq, n_start, q_start, q_len, k_start, k_len = _listed_tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr)
     if seq >= num_seqs:
         return
     h = tl.program_id(1)
@@ -369,6 +424,14 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     else:
         tl.store(dk_ptr + offs, dk.to(dk_ptr.dtype.element_ty), mask=mask)
         tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+def _num_tiles(num_seqs: int, block: int, max_seqlen: int, total: int) -> int:
+    """Host-side bound on sum(cdiv(len_b, block)) over the sequences (no device sync): the grid's first axis.
+
+    Programs past the true count find no sequence in `_tile_bounds` and exit.
+    """
+    return min(num_seqs * triton.cdiv(max_seqlen, block), num_seqs + total // block)
 
 
 def _tile_table(cu_seqlens: torch.Tensor, block: int, max_seqlen: int, total: int) -> torch.Tensor:
@@ -425,19 +488,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     q_idx, kv_idx = _index_or(q_index, cu_seqlens_q), _index_or(kv_index, cu_seqlens_k)
 
     cfg = _fwd_config(q.dtype, block_d)
-    tiles = _tile_table(cu_seqlens_q, cfg.block_m, max_seqlen_q, Tq)
-    if tiles.shape[1] > 0:
-        _fwd_kernel[(tiles.shape[1], H)](
-            q, k, v, out, lse, q_idx, kv_idx, cu_seqlens_q, cu_seqlens_k, tiles, tiles.shape[1], B, H, qk_scale,
+    n = _num_tiles(B, cfg.block_m, max_seqlen_q, Tq)
+    if n > 0:
+        _fwd_kernel[(n, H)](
+            q, k, v, out, lse, q_idx, kv_idx, cu_seqlens_q, cu_seqlens_k, B, H, qk_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
 
     if return_stats and Tk > 0:
         cfg = _stats_config(q.dtype, block_d)
-        tiles = _tile_table(cu_seqlens_k, cfg.block_n, max_seqlen_k, Tk)
-        if tiles.shape[1] > 0:
-            _stats_kernel[(tiles.shape[1], H)](
-                q, k, lse, received, cls, q_idx, kv_idx, cu_seqlens_q, cu_seqlens_k, tiles, tiles.shape[1], B, H,
-                qk_scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        n = _num_tiles(B, cfg.block_n, max_seqlen_k, Tk)
+        if n > 0:
+            _stats_kernel[(n, H)](
+                q, k, lse, received, cls, q_idx, kv_idx, cu_seqlens_q, cu_seqlens_k, B, H, qk_scale,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **flags)
     return out, received, cls, lse
 
@@ -496,9 +559,10 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
 def _signatures(dt: str, indexed: bool) -> list[tuple]:
     """(kernel, its tile config function, its non-constexpr signature) for inputs of Triton type `dt`."""
     common = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "lse_ptr": "*fp32", "q_index_ptr": "*i32", "kv_index_ptr": "*i32",
-              "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "tiles_ptr": "*i32", "num_tiles": "i32", "num_seqs": "i32",
+              "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "num_seqs": "i32",
               "H": "i32", "qk_scale": "fp32"}
-    bwd = {**common, "v_ptr": f"*{dt}", "do_ptr": f"*{dt}", "delta_ptr": "*fp32", "scale": "fp32"}
+    bwd = {**common, "v_ptr": f"*{dt}", "do_ptr": f"*{dt}", "delta_ptr": "*fp32", "scale": "fp32",
+           "tiles_ptr": "*i32", "num_tiles": "i32"}
     grad = "*fp32" if indexed else f"*{dt}"  # gradients of an indexed operand accumulate in fp32
     return [
         (_fwd_kernel, _fwd_config, {**common, "v_ptr": f"*{dt}", "out_ptr": f"*{dt}"}),
