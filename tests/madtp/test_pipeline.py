@@ -179,7 +179,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def compress_args(data, output, *extra, target="0.45"):
+def compress_args(data, output, *extra, target="0.55"):  # 2:4 alone reaches 0.45 (dense attention counted)
     return ["compress", "--preset", "tiny-clip", "--task", "clip-retrieval", "--data", data,
             "--target-gflops-reduction", target, "--output", output, *FAST, *extra]
 
@@ -196,7 +196,7 @@ def test_cli_compress_end_to_end(tmp_path, capsys):
     assert (out_dir / "model" / "tokenizer.json").is_file()
     report = json.loads((out_dir / "report.json").read_text())
     (entry,) = report["compressed"]
-    assert entry["target_gflops_reduction"] == 0.45 and entry["steps"] == 3
+    assert entry["target_gflops_reduction"] == 0.55 and entry["steps"] == 3
     assert entry["measurement"]["gflops"]["total"] < report["dense"]["gflops"]["total"]
     assert set(entry["measurement"]["latency_ms"]) == {"padded", "ragged"} and "dense" in report["dense"]["latency_ms"]
     assert report["device"].startswith("CPU")
