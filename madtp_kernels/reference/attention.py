@@ -114,6 +114,69 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_
                     cls_s[b].copy_(p[:, 0])
 
 
+# The per-sequence paths pay ~10 small ops per sequence; for many short sequences of similar length one padded,
+# batched pass is cheaper. It is taken when the padding's extra work, in (query, key) pairs x H x D, is below this
+# many per sequence (about what the ~100 us of a sequence's own ops buy in GEMM work on a CPU core), and the padded
+# scores fit _PADDED_MAX_BYTES. Tests set it to 0 (never) or to a huge value (whenever allowed) to check both paths.
+_PADDED_WORK_PER_SEQUENCE = 1_000_000
+_PADDED_MAX_BYTES = 64 << 20
+
+
+def _padded_is_cheaper(sequences, heads: int, head_dim: int, causal: bool, element_size: int) -> bool:
+    """Non-causal, and the padding costs less than the per-sequence ops. (Sequences without queries or keys are
+    not in `sequences`: their rows keep the zeros and +inf lse the caller wrote.)"""
+    if causal or not sequences:
+        return False
+    batch = len(sequences)
+    lq_max = max(q1 - q0 for _, q0, q1, _, _, _ in sequences)
+    lk_max = max(k1 - k0 for _, _, _, k0, k1, _ in sequences)
+    pairs = sum((q1 - q0) * (k1 - k0) for _, q0, q1, k0, k1, _ in sequences)
+    extra = batch * lq_max * lk_max - pairs
+    return (extra * heads * head_dim <= batch * _PADDED_WORK_PER_SEQUENCE
+            and batch * heads * lq_max * lk_max * element_size <= _PADDED_MAX_BYTES)
+
+
+def _padded(q: Tensor, k: Tensor, v: Tensor, sequences, scale: float, out: Tensor, lse: Tensor, received: Tensor,
+            cls: Tensor, return_stats: bool) -> None:
+    """The sequences with work, all at once, padded to the longest and masked: a fixed number of ops whatever the
+    batch. Each has keys (no fully masked row); no causal mask (_padded_is_cheaper)."""
+    acc, device = out.dtype, q.device
+    lq_max = max(q1 - q0 for _, q0, q1, _, _, _ in sequences)
+    lk_max = max(k1 - k0 for _, _, _, k0, k1, _ in sequences)
+
+    def grid(starts: list[int], lengths: list[int], width: int, rows: int):
+        """[B, width] row indices (clamped) and validity, and the flat grid position of each packed row."""
+        start = torch.tensor(starts, device=device)[:, None]
+        length = torch.tensor(lengths, device=device)[:, None]
+        pos = torch.arange(width, device=device)
+        valid = pos < length
+        index = (start + pos).clamp_max(max(rows - 1, 0))
+        flat = torch.tensor([b * width + t for b, n in enumerate(lengths) for t in range(n)], device=device)
+        return index, valid, flat
+
+    qi, qv, q_flat = grid([s[1] for s in sequences], [s[2] - s[1] for s in sequences], lq_max, q.shape[0])
+    ki, kv, k_flat = grid([s[3] for s in sequences], [s[4] - s[3] for s in sequences], lk_max, k.shape[0])
+    qp = q.to(acc)[qi].transpose(1, 2)                                     # [B, H, Lq, D]
+    kp, vp = (t.to(acc)[ki].transpose(1, 2) for t in (k, v))               # [B, H, Lk, D]
+    s = torch.matmul(qp, kp.transpose(-1, -2))
+    s.mul_(scale)   # after the product, as the backward does
+    s.masked_fill_(~kv[:, None, None, :], float("-inf"))
+    row_max = s.amax(-1)
+    p = torch.softmax(s, -1, out=s)
+    heads, dim = q.shape[1], q.shape[2]
+    q_rows = torch.tensor([r for _, q0, q1, _, _, _ in sequences for r in range(q0, q1)], device=device)
+    o = torch.matmul(p, vp).transpose(1, 2).reshape(-1, heads, dim)        # [B * Lq, H, D]
+    out.index_copy_(0, q_rows, o.index_select(0, q_flat))
+    lse_p = (row_max - p.amax(-1).log()).transpose(1, 2).reshape(-1, heads)   # as in _explicit
+    lse.index_copy_(0, q_rows, lse_p.index_select(0, q_flat))
+    if return_stats:
+        k_rows = torch.tensor([r for _, _, _, k0, k1, _ in sequences for r in range(k0, k1)], device=device)
+        got = (p * qv[:, None, :, None]).sum(2).transpose(1, 2).reshape(-1, heads)   # padding queries give 0
+        received.index_copy_(0, k_rows, got.index_select(0, k_flat))
+        first = p[:, :, 0, :].transpose(1, 2).reshape(-1, heads)
+        cls.index_copy_(0, k_rows, first.index_select(0, k_flat))
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, q_index: Tensor | None,
                      kv_index: Tensor | None, return_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -147,7 +210,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         done = q1
     received = q.new_zeros((k.shape[0] if return_stats else 0, heads), dtype=sdt)
     cls = torch.zeros_like(received)
-    if flash:
+    if not flash and _padded_is_cheaper(sequences, heads, q.shape[2], causal, out.element_size()):
+        _padded(q, k, v, sequences, scale, out, lse, received, cls, return_stats)
+    elif flash:
         _flash_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, sequences, out, lse)
     else:
         _explicit(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, sequences, out, lse, received, cls,

@@ -214,3 +214,33 @@ def test_many_sequences(backend, device, causal):
     want_grads = torch.autograd.grad((want * weights.cpu().double()).sum(), list(ref.values()))
     for got, expected in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got.cpu().double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padded", [0, 10**12])
+@pytest.mark.parametrize("return_stats", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torch_backend_padded_and_per_sequence_paths_agree_with_the_oracle(monkeypatch, padded, return_stats, dtype):
+    # The torch backend runs many short sequences as one padded batch and others one by one: both against the
+    # float64 oracle, on a batch with empty sequences, a sequence without keys and cross-attention lengths.
+    from madtp_kernels.reference import attention as ref_attention
+    monkeypatch.setattr(ref_attention, "_PADDED_WORK_PER_SEQUENCE", padded)
+    ran = []
+    original = ref_attention._padded
+    monkeypatch.setattr(ref_attention, "_padded", lambda *a, **kw: (ran.append(1), original(*a, **kw))[1])
+    g = torch.Generator().manual_seed(3)
+    lq, lk = [5, 0, 17, 1, 9, 3], [7, 0, 17, 2, 0, 11]
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(lq), 3, 16, generator=g).to(dtype)
+    k, v = (torch.randn(sum(lk), 3, 16, generator=g).to(dtype) for _ in range(2))
+    with mk.use_backend("torch"):
+        got = mk.varlen_attention(q, k, v, cu_q, cu_k, scale=0.3, return_stats=return_stats)
+    out, stats = got if return_stats else (got, None)
+    # the padded path serves only the explicit path (stats, or half precision): fp32 without stats is flash
+    assert bool(ran) == (padded > 0 and (return_stats or dtype != torch.float32))
+    want_out, want_received, want_cls = oracle_attention(q, k, v, cu_q, cu_k, scale=0.3, causal=False)
+    tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), want_out, **tol)
+    if return_stats:
+        torch.testing.assert_close(stats.received.double(), want_received, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stats.cls.double(), want_cls, atol=1e-5, rtol=1e-5)
