@@ -46,7 +46,9 @@ def work(case, lengths, q):
 
 
 def impls():
-    names = ["padded-sdpa", "per-sequence-sdpa"]
+    # per-sequence-sdpa returns a list of outputs; -packed also puts them back into one [T, H, D] tensor, which
+    # is what varlen_attention returns and what the next layer's GEMMs read.
+    names = ["padded-sdpa", "per-sequence-sdpa", "per-sequence-sdpa-packed"]
     names += [f"madtp-{b}" for b in _dispatch.available_backends()
               if "varlen_attention" in _dispatch.ops() and b in _dispatch.implementations("varlen_attention")
               and DEVICE.type in _dispatch.BACKENDS[b].devices]
@@ -71,17 +73,20 @@ def test_varlen_attention(benchmark, case, impl, stats):
                .transpose(1, 2) for t in (q, k, v)]
         mask = (torch.arange(longest, device=DEVICE) < lengths[:, None])[:, None, None, :]
         fn = lambda: F.scaled_dot_product_attention(*pad, attn_mask=mask)  # noqa: E731
-    elif impl == "per-sequence-sdpa":
+    elif impl.startswith("per-sequence-sdpa"):
         bounds = cu.tolist()
+        packed = impl.endswith("-packed")
 
         def fn():
-            return [F.scaled_dot_product_attention(*(t[bounds[b]:bounds[b + 1]].transpose(0, 1) for t in (q, k, v)))
+            outs = [F.scaled_dot_product_attention(*(t[bounds[b]:bounds[b + 1]].transpose(0, 1) for t in (q, k, v)))
                     for b in range(case.batch)]
+            return torch.cat([o.transpose(0, 1) for o in outs]) if packed else outs
     else:
         backend = mk.use_backend(impl.removeprefix("madtp-"))  # entered once: the loop above pays no such cost
+        layout = mk.RaggedLayout.from_cu_seqlens(cu)   # as inside a pruned model: offsets checked once
 
         def fn():
-            return mk.varlen_attention(q, k, v, cu, max_seqlen_q=longest, max_seqlen_k=longest, return_stats=stats)
+            return mk.varlen_attention(q, k, v, layout, return_stats=stats)
     benchmark.group = f"varlen_attention {case.name} batch {case.batch}"
     with backend:
         run(benchmark, fn)
