@@ -28,6 +28,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import launch_section  # noqa: E402  (stdlib only: the one rendering of this table)
+
 PEAK_FLOPS = 989e12     # H100 SXM, dense fp16/bf16 (datasheet)
 LAUNCH_S = 5e-6         # eager PyTorch's cost per op on a GPU
 SYNC_S = 15e-6          # a host sync: the queue drains
@@ -121,21 +124,14 @@ CONFIGS = (
 )
 
 
+def record(r: Result) -> dict:
+    """The JSON row: what `report.launch_section` renders (the table is drawn in one place)."""
+    return {**asdict(r.config), "execution": r.execution, "launches": r.launches, "syncs": r.syncs,
+            "layers": r.layers, "gflops": r.gflops, "predicted_ms": r.predicted_ms, "by_custom_op": r.by_custom_op}
+
+
 def table(results: list[Result]) -> str:
-    lines = ["| model | backend | batch | layers | execution | launches | syncs | per layer: +launches | +syncs "
-             "| GFLOPs | predicted H100 ms |", "|" + "---|" * 11]
-    dense = {}
-    for r in results:
-        key = (r.config.model, r.config.backend)
-        if r.execution == "dense":
-            dense[key] = r
-        d = dense[key]
-        extra_l = (r.launches - d.launches) / r.layers
-        extra_s = (r.syncs - d.syncs) / r.layers
-        lines.append(f"| {r.config.model} | {r.config.backend} | {r.config.batch} | {r.layers} | {r.execution} | "
-                     f"{r.launches} | {r.syncs} | {extra_l:+.1f} | {extra_s:+.2f} | {r.gflops:.1f} | "
-                     f"{r.predicted_ms:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(launch_section([record(r) for r in results]))
 
 
 def main(argv=None) -> int:
@@ -154,9 +150,7 @@ def main(argv=None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump([{**asdict(r.config), "execution": r.execution, "launches": r.launches, "syncs": r.syncs,
-                        "layers": r.layers, "gflops": r.gflops, "predicted_ms": r.predicted_ms,
-                        "by_custom_op": r.by_custom_op} for r in results], f, indent=1)
+            json.dump([record(r) for r in results], f, indent=1)
     return 0
 
 

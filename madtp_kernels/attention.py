@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _dispatch, _library
 from . import _validation as checks
-from .layout import RaggedLayout, max_len_of, resolve
+from .layout import RaggedLayout, device_offsets, max_len_of, resolve
 from .reference import attention as ref
 
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
@@ -93,12 +93,6 @@ def _check_index(index: Tensor | None, name: str, buffer_rows: int, buffer: str)
                              f"got min {lo}, max {hi}")
 
 
-def _offsets_tensor(cu, name: str) -> Tensor | None:
-    if cu is None:
-        return None
-    return cu.cu_seqlens if isinstance(cu, RaggedLayout) else checks.check_tensor(cu, name)
-
-
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | RaggedLayout,
                      cu_seqlens_k: Tensor | RaggedLayout | None = None,
                      *, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
@@ -115,8 +109,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | Rag
     tensors = {"q": q, "k": k, "v": v}
     for name, t in tensors.items():
         checks.check_tensor(t, name)
-    checks.check_same_device(q, "q", k=k, v=v, cu_seqlens_q=_offsets_tensor(cu_seqlens_q, "cu_seqlens_q"),
-                             cu_seqlens_k=_offsets_tensor(cu_seqlens_k, "cu_seqlens_k"), q_index=q_index,
+    checks.check_same_device(q, "q", k=k, v=v, cu_seqlens_q=device_offsets(cu_seqlens_q, "cu_seqlens_q"),
+                             cu_seqlens_k=device_offsets(cu_seqlens_k, "cu_seqlens_k"), q_index=q_index,
                              kv_index=kv_index)
     for name in ("q", "k", "v"):
         checks.check_ndim(tensors[name], name, 3, "3-D [T, H, D]")

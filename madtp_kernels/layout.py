@@ -91,6 +91,14 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def device_offsets(cu_seqlens, name: str) -> Tensor | None:
+    """The device tensor of an op's offsets argument (a RaggedLayout's, or the tensor itself, type-checked), for
+    the device checks that run before `resolve`; None stays None."""
+    if cu_seqlens is None:
+        return None
+    return cu_seqlens.cu_seqlens if isinstance(cu_seqlens, RaggedLayout) else checks.check_tensor(cu_seqlens, name)
+
+
 def resolve(cu_seqlens, name: str, rows: int) -> tuple[Tensor, RaggedLayout | None, Tensor | None]:
     """(device cu_seqlens, the layout if one was given, host offsets) for an op argument that is either a
     RaggedLayout (trusted: only its row count is compared, on the host) or a plain tensor (validated as ever:

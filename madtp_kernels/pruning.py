@@ -19,7 +19,7 @@ from torch import Tensor
 from . import _dispatch, _library
 from . import _validation as checks
 from .attention import AttentionStats
-from .layout import RaggedLayout, resolve
+from .layout import RaggedLayout, device_offsets, resolve
 from .reference import pruning as ref
 
 SCHEMA = ("(Tensor x, Tensor cu_seqlens, Tensor received, Tensor cls, Tensor attn_out, Tensor align, "
@@ -108,7 +108,7 @@ def score_and_prune(x: Tensor, layout: RaggedLayout | Tensor, stats: AttentionSt
     checks.check_tensor(cls, "stats.cls")
     checks.check_ndim(x, "x", 2, "2-D [T, C]")
     checks.check_floating(x, "x")
-    checks.check_same_device(x, "x", layout=layout.cu_seqlens if isinstance(layout, RaggedLayout) else layout,
+    checks.check_same_device(x, "x", layout=device_offsets(layout, "layout"),
                              received=received, cls=cls, attn_out=attn_out, align_scores=align_scores,
                              protected=protected)
     rows = x.shape[0]

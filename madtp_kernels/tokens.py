@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _dispatch, _library
 from . import _validation as checks
-from .layout import RaggedLayout, max_len_of, resolve
+from .layout import RaggedLayout, device_offsets, max_len_of, resolve
 from .reference import tokens as ref
 
 SCHEMAS = {
@@ -167,9 +167,7 @@ def unpack(packed: Tensor, cu_seqlens: Tensor | RaggedLayout, *, max_len: int | 
     """Pad packed rows back to `[B, max_len, ...]` (max_len defaults to the longest sample)."""
     checks.check_tensor(packed, "packed")
     checks.check_ndim(packed, "packed", tuple(range(1, 8)), "[T, ...]")
-    given = cu_seqlens if isinstance(cu_seqlens, RaggedLayout) else None
-    checks.check_same_device(packed, "packed", cu_seqlens=given.cu_seqlens if given is not None else
-                             checks.check_tensor(cu_seqlens, "cu_seqlens"))
+    checks.check_same_device(packed, "packed", cu_seqlens=device_offsets(cu_seqlens, "cu_seqlens"))
     cu_seqlens, given, offsets = resolve(cu_seqlens, "cu_seqlens", packed.shape[0])
     if not isinstance(pad_value, (int, float)) or isinstance(pad_value, bool):
         raise TypeError(f"pad_value: expected a float, got {type(pad_value).__name__}")
@@ -189,10 +187,10 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor | RaggedLayout, scores: Tensor, t
     (their plain mean where those scores sum to 0; scores are meant to be non-negative importances).
     Gradients flow to x and, through the merged token, to scores.
     """
-    layout_cu = cu_seqlens.cu_seqlens if isinstance(cu_seqlens, RaggedLayout) else cu_seqlens
-    for name, t in (("x", x), ("cu_seqlens", layout_cu), ("scores", scores), ("threshold", threshold)):
+    for name, t in (("x", x), ("scores", scores), ("threshold", threshold)):
         checks.check_tensor(t, name)
-    checks.check_same_device(x, "x", cu_seqlens=layout_cu, scores=scores, threshold=threshold)
+    checks.check_same_device(x, "x", cu_seqlens=device_offsets(cu_seqlens, "cu_seqlens"), scores=scores,
+                             threshold=threshold)
     checks.check_ndim(x, "x", 2, "2-D [T, C]")
     cu_seqlens, given, offsets = resolve(cu_seqlens, "cu_seqlens", x.shape[0])
     bound = given.max_len if given is not None else (

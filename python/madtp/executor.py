@@ -132,9 +132,7 @@ class PaddedContext(_Context):
         return out.transpose(1, 2)
 
     def _valid(self) -> Tensor:
-        lay = self.layout
-        lengths = torch.tensor(lay.ragged.lengths(), dtype=torch.long, device=lay.cu_seqlens.device)
-        return torch.arange(lay.max_len, device=lengths.device) < lengths[:, None]   # [B, L]
+        return self.layout.valid_mask()   # [B, L]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False):
         """q, k, v [B, L, H, D] -> (out [B, L, H, D], stats on packed rows or None)."""
@@ -208,9 +206,6 @@ def summary_rows(rows: Tensor, layout: Layout) -> Tensor:
                             device=rows.device)
     out = rows.new_zeros((layout.ragged.batch, rows.shape[-1])).index_copy(0, nonempty, rows[layout.first_rows()])
     if layout.protected is not None and bool(layout.protected.any()):
-        sample = torch.repeat_interleave(torch.arange(layout.ragged.batch, device=rows.device),
-                                         torch.tensor(layout.ragged.lengths(), device=rows.device),
-                                         output_size=layout.rows)
         index = layout.protected.nonzero().squeeze(1)
-        out = out.index_copy(0, sample[index], rows[index])
+        out = out.index_copy(0, layout.sample_ids()[index], rows[index])
     return out

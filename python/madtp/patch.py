@@ -213,14 +213,13 @@ def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
                                                state.execution, memory)
     state.records[spec.branch] = record
     device = hidden.device
-    lengths = torch.tensor(layout.ragged.lengths(), dtype=torch.long, device=device)
     if spec.output == "compact":
-        state._pending[id(tower.encoder)] = OutputLayout(torch.arange(layout.max_len, device=device) < lengths[:, None])
+        state._pending[id(tower.encoder)] = OutputLayout(layout.valid_mask())
         return unpack(rows, layout.ragged)
     # Rows back at their input positions; merged rows (position -1) land in a column past the end, cut off.
     positions = layout.positions()
     positions = torch.where(positions >= 0, positions, n)
-    sample = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=layout.rows)
+    sample = layout.sample_ids()
     out = rows.new_zeros(batch, n + 1, rows.shape[-1]).index_put((sample, positions), rows)[:, :n]
     valid = torch.zeros(batch, n + 1, dtype=torch.bool, device=device).index_put(
         (sample, positions), torch.ones((), dtype=torch.bool, device=device))[:, :n]

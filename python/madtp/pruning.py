@@ -12,6 +12,8 @@ from torch import Tensor
 
 from madtp_kernels import AttentionStats, RaggedLayout, score_and_prune
 
+from . import ragged
+
 
 @dataclass
 class Layout:
@@ -41,6 +43,15 @@ class Layout:
         for kept in self.steps:
             pos = torch.cat((pos, pos.new_full((1,), -1)))[kept.long()]   # kept -1 -> the appended -1
         return pos
+
+    def valid_mask(self) -> Tensor:
+        """bool [B, max_len]: which positions of the padded batch are rows (from the host lengths)."""
+        lengths = torch.tensor(self.ragged.lengths(), dtype=torch.long, device=self.ragged.device)
+        return torch.arange(self.max_len, device=lengths.device) < lengths[:, None]
+
+    def sample_ids(self) -> Tensor:
+        """int64 [T]: the sample of each row."""
+        return ragged.segment_ids(self.cu_seqlens, self.rows)
 
     def first_rows(self) -> Tensor:
         """int64 [B']: the first row of each non-empty sample (from the host offsets: no device work)."""

@@ -16,15 +16,6 @@ def segment_ids(cu_seqlens: Tensor, rows: int) -> Tensor:
                                    output_size=rows)
 
 
-def first_rows(cu_seqlens: Tensor, rows: int) -> Tensor:
-    """bool mask [T] of each sample's first row."""
-    mask = torch.zeros(rows, dtype=torch.bool, device=cu_seqlens.device)
-    starts = cu_seqlens[:-1].long()
-    nonempty = cu_seqlens[1:] > cu_seqlens[:-1]
-    mask[starts[nonempty]] = True
-    return mask
-
-
 def _segment_reduce(values: Tensor, cu_seqlens: Tensor, reduce: str, fill: float) -> Tensor:
     """[B, ...] amax/amin of values [T, ...] per sample; `fill` for an empty sample."""
     seg = segment_ids(cu_seqlens, values.shape[0])
@@ -35,10 +26,6 @@ def _segment_reduce(values: Tensor, cu_seqlens: Tensor, reduce: str, fill: float
 
 def segment_max(values: Tensor, cu_seqlens: Tensor) -> Tensor:
     return _segment_reduce(values, cu_seqlens, "amax", float("-inf"))
-
-
-def segment_min(values: Tensor, cu_seqlens: Tensor) -> Tensor:
-    return _segment_reduce(values, cu_seqlens, "amin", float("inf"))
 
 
 def segment_sum(values: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -56,15 +43,3 @@ def segment_softmax(values: Tensor, cu_seqlens: Tensor, where: Tensor) -> Tensor
     e = torch.exp(masked - peak[seg])
     total = segment_sum(e, cu_seqlens)
     return e / total.clamp_min(torch.finfo(e.dtype).tiny)[seg]
-
-
-def normalise(values: Tensor, cu_seqlens: Tensor, where: Tensor) -> Tensor:
-    """Min-max normalise values [T] to [0, 1] within each sample over the rows where `where` holds (0 elsewhere
-    and where a sample's values are all equal)."""
-    lo = segment_min(values.masked_fill(~where, float("inf")), cu_seqlens)
-    hi = segment_max(values.masked_fill(~where, float("-inf")), cu_seqlens)
-    seg = segment_ids(cu_seqlens, values.shape[0])
-    span = (hi - lo)[seg]
-    ok = where & torch.isfinite(span) & (span > 0)
-    out = (values - lo[seg]) / torch.where(ok, span, torch.ones_like(span))
-    return torch.where(ok, out, torch.zeros_like(out))
