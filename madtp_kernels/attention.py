@@ -80,19 +80,6 @@ _library.define("varlen_attention", SCHEMA, {"torch": ref.varlen_attention, "tri
 
 # ------------------------------------------------------------------ public API
 
-def _check_index(index: Tensor | None, name: str, buffer_rows: int, buffer: str) -> None:
-    if index is None:
-        return
-    checks.check_tensor(index, name)
-    checks.check_dtype(index, name, (torch.int32,))
-    checks.check_ndim(index, name, 1, "1-D [T] (one physical row per logical token)")
-    if index.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= buffer_rows:
-            raise ValueError(f"{name}: expected rows in [0, {buffer_rows}) ({buffer} has {buffer_rows} rows), "
-                             f"got min {lo}, max {hi}")
-
-
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | RaggedLayout,
                      cu_seqlens_k: Tensor | RaggedLayout | None = None,
                      *, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
@@ -115,8 +102,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | Rag
     for name in ("q", "k", "v"):
         checks.check_ndim(tensors[name], name, 3, "3-D [T, H, D]")
     checks.check_floating(q, "q")
-    if q.shape[1] < 1:
-        raise ValueError(f"q: expected at least one head, got shape {tuple(q.shape)}")
+    checks.check_sizes(q, "q", (1,), "heads")
+    checks.check_sizes(q, "q", (2,), "head dim")
     for name in ("k", "v"):
         t = tensors[name]
         if t.dtype != q.dtype:
@@ -126,8 +113,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | Rag
                              f"{tuple(t.shape)}")
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"v: expected {k.shape[0]} rows (as k), got {v.shape[0]}")
-    _check_index(q_index, "q_index", q.shape[0], "q")
-    _check_index(kv_index, "kv_index", k.shape[0], "k")
+    checks.check_index(q_index, "q_index", q.shape[0], "q")
+    checks.check_index(kv_index, "kv_index", k.shape[0], "k")
     rows_q = q.shape[0] if q_index is None else q_index.shape[0]
     rows_k = k.shape[0] if kv_index is None else kv_index.shape[0]
     # A RaggedLayout is trusted (checked when made): nothing is read back from the device for it.
@@ -143,16 +130,14 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | Rag
                              f"got {cu_k.shape[0] - 1}")
     max_seqlen_q = max_len_of(max_seqlen_q, "max_seqlen_q", layout_q, offsets_q)
     max_seqlen_k = max_len_of(max_seqlen_k, "max_seqlen_k", layout_k, offsets_k)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[2])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
-    for name, flag in (("causal", causal), ("return_stats", return_stats)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    # Any finite scale is one softmax on every backend (each scales the logits before its running max);
+    # NaN or inf would turn whole rows into NaN or 0 * inf.
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else checks.check_float(scale, "scale", finite=True)
+    checks.check_bool(causal, "causal")
+    checks.check_bool(return_stats, "return_stats")
     impl = _dispatch.select("varlen_attention", q.device, q.dtype, head_dim=q.shape[2])
     out, received, cls, _lse = impl(q.contiguous(), k.contiguous(), v.contiguous(), cu_q.contiguous(),
-                                    cu_k.contiguous(), max_seqlen_q, max_seqlen_k, float(scale), causal,
+                                    cu_k.contiguous(), max_seqlen_q, max_seqlen_k, scale, causal,
                               None if q_index is None else q_index.contiguous(),
                               None if kv_index is None else kv_index.contiguous(), return_stats)
     return (out, AttentionStats(received, cls)) if return_stats else out

@@ -119,7 +119,7 @@ def max_len_of(value, name: str, layout: RaggedLayout | None, offsets: Tensor | 
         return checks.check_max_len(value, name, offsets, unit=unit, rows=rows)
     if value is None:
         return layout.max_len
-    checks.check_int(value, name, minimum=0)
+    checks.check_int(value, name, minimum=0, maximum=checks.INT32_MAX)
     if not _tracing() and value < layout.max_len:
         raise ValueError(f"{name}: expected >= the longest {unit} ({layout.max_len}{rows}), got {value}")
     return value

@@ -10,7 +10,6 @@ per sample) and one host read: the new layout's offsets.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -108,6 +107,7 @@ def score_and_prune(x: Tensor, layout: RaggedLayout | Tensor, stats: AttentionSt
     checks.check_tensor(cls, "stats.cls")
     checks.check_ndim(x, "x", 2, "2-D [T, C]")
     checks.check_floating(x, "x")
+    checks.check_sizes(x, "x", (1,), "channels")
     checks.check_same_device(x, "x", layout=device_offsets(layout, "layout"),
                              received=received, cls=cls, attn_out=attn_out, align_scores=align_scores,
                              protected=protected)
@@ -128,6 +128,7 @@ def score_and_prune(x: Tensor, layout: RaggedLayout | Tensor, stats: AttentionSt
                          f"{tuple(cls.shape)}")
     checks.check_ndim(attn_out, "attn_out", 3, "3-D [T, H, D]")
     checks.check_floating(attn_out, "attn_out")
+    checks.check_sizes(attn_out, "attn_out", (2,), "head dim")
     if attn_out.shape[:2] != (rows, heads):
         raise ValueError(f"attn_out: expected [{rows}, {heads}, D] (x's rows, the statistics' heads), got "
                          f"{tuple(attn_out.shape)}")
@@ -137,21 +138,17 @@ def score_and_prune(x: Tensor, layout: RaggedLayout | Tensor, stats: AttentionSt
     if align_scores.shape[0] != rows or align_scores.shape[1] < 1:
         raise ValueError(f"align_scores: expected [{rows}, K] with K >= 1 alignment tokens, got "
                          f"{tuple(align_scores.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite float > 0, got {temperature}")
+    temperature = checks.check_float(temperature, "temperature", positive=True)
     if protected is not None:
         checks.check_tensor(protected, "protected")
         checks.check_dtype(protected, "protected", (torch.bool,))
         if tuple(protected.shape) != (rows,):
             raise ValueError(f"protected: expected shape ({rows},) (one per row of x), got {tuple(protected.shape)}")
-    if not isinstance(merge, bool):
-        raise TypeError(f"merge: expected a bool, got {type(merge).__name__}")
+    checks.check_bool(merge, "merge")
     impl = _dispatch.select("score_and_prune", x.device, x.dtype, attn_out.dtype)
     y, cu_new, kept_index, protected_new, importance, theta = impl(
         x.contiguous(), cu.contiguous(), received.contiguous(), cls.contiguous(), attn_out.contiguous(),
-        align_scores.contiguous(), float(temperature), None if protected is None else protected.contiguous(),
+        align_scores.contiguous(), temperature, None if protected is None else protected.contiguous(),
         merge, max_len)
     new = RaggedLayout._read(cu_new, bound=max_len)   # the one host read: row count and longest length
     n = new.rows

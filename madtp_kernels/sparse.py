@@ -7,7 +7,8 @@ a row has at most 2 non-zeros. It is stored as
                    in increasing column order (a kept entry may itself be 0);
   meta   [N, K/8]  uint8: byte j of row n describes groups 2j (low nibble) and 2j + 1 (high nibble); in each
                    nibble bits 0-1 are the position (0..3) in the group of the first kept entry, bits 2-3 of
-                   the second.
+                   the second, and the first is below the second: the only valid nibbles are 0x4, 0x8, 0x9,
+                   0xC, 0xD, 0xE. Other codes are refused when a SparseWeight is built or a state dict loaded.
 fp16 values + meta are 0.5625x the dense fp16 bytes. Backends may keep a derived form per weight, made once and
 reused by every call: the cuda backend cuSPARSELt's own compressed copy, the torch (CPU) backend the dense one.
 """
@@ -26,10 +27,12 @@ from .reference import sparse as ref
 
 SCHEMA = "(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor"
 GROUP = 8  # in_features must be a multiple of this: two groups of 4 share a metadata byte
+_ZERO_WEIGHT_META = 0x44
 
 
 class SparseWeight:
-    """A 2:4 weight in the compressed format above; `.to_dense()` restores W."""
+    """A 2:4 weight in the compressed format above; `.to_dense()` restores W. The metadata is checked when the
+    weight is built (once per meta tensor and version: rebuilding from the same buffers costs no host read)."""
 
     def __init__(self, values: Tensor, meta: Tensor):
         checks.check_tensor(values, "values")
@@ -37,11 +40,23 @@ class SparseWeight:
         checks.check_ndim(values, "values", 2, "2-D [out_features, in_features / 2]")
         checks.check_dtype(meta, "meta", (torch.uint8,))
         checks.check_floating(values, "values")
+        if values.shape[0] < 1 or values.shape[1] < GROUP // 2:
+            raise ValueError(f"values: expected [out_features >= 1, in_features / 2 >= {GROUP // 2}], got shape "
+                             f"{tuple(values.shape)}")
         if tuple(meta.shape) != (values.shape[0], values.shape[1] // 4) or values.shape[1] % 4:
             raise ValueError(f"meta: expected shape {(values.shape[0], values.shape[1] // 4)} for values of shape "
                              f"{tuple(values.shape)} (in_features a multiple of {GROUP}), got {tuple(meta.shape)}")
-        checks.check_same_device(values, "values", meta=meta)
+        if meta.device != values.device:
+            raise ValueError(f"meta: expected a tensor on {values.device} (the device of values), got {meta.device}")
+        _checked_meta(meta)
         self.values, self.meta = values, meta
+
+    @classmethod
+    def _trusted(cls, values: Tensor, meta: Tensor) -> SparseWeight:
+        """Values and meta this module just made from a checked weight: no check, no host read."""
+        weight = cls.__new__(cls)
+        weight.values, weight.meta = values, meta
+        return weight
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,7 +79,7 @@ class SparseWeight:
 
     def to(self, *args, **kwargs) -> SparseWeight:
         values = self.values.to(*args, **kwargs)
-        return SparseWeight(values, self.meta.to(device=values.device))
+        return SparseWeight._trusted(values, self.meta.to(device=values.device))
 
     def __repr__(self) -> str:
         return f"SparseWeight(shape={self.shape}, dtype={self.dtype}, device={self.device}, nbytes={self.nbytes})"
@@ -80,6 +95,8 @@ def _check_weight(weight: Tensor, name: str = "weight") -> None:
     checks.check_tensor(weight, name)
     checks.check_ndim(weight, name, 2, "2-D [out_features, in_features]")
     checks.check_floating(weight, name)
+    checks.check_has_data(weight, name)
+    checks.check_sizes(weight, name, (0, 1), "out_features and in_features")
     if weight.shape[1] % GROUP:
         raise ValueError(f"{name}: expected in_features (dim 1) a multiple of {GROUP} for the 2:4 format, "
                          f"got {weight.shape[1]}")
@@ -95,7 +112,7 @@ def compress_2to4(weight: Tensor) -> SparseWeight:
         raise ValueError(f"weight: expected at most 2 non-zeros in every group of 4 input features (2:4), got "
                          f"{int(count[row, group])} in row {row}, columns {4 * group}..{4 * group + 3}; "
                          "prune it first (weight * prune_2to4(weight))")
-    return SparseWeight(*ref.compress(weight.contiguous()))
+    return SparseWeight._trusted(*ref.compress(weight.contiguous()))
 
 
 # ------------------------------------------------------------------ backends
@@ -108,9 +125,10 @@ def _triton_forward(x, values, meta, bias):
 
 class _PerWeight:
     """A form of a compressed weight derived once and reused: one per values tensor (dropped when the tensor
-    is freed), rebuilt when values or meta change in place through the tensor (its version counter; writes
-    through `.data` are not seen). Values that require grad (in training) and inference tensors (no version
-    counter) are derived afresh every call.
+    is freed), rebuilt when values or meta is another tensor (identity: `module.meta = other.meta` keeps the
+    version counter) or changed in place through the tensor (its version counter; writes through `.data` are
+    not seen). Values that require grad (in training) and inference tensors (no version counter) are derived
+    afresh every call.
     Keyed by id with a liveness check, since tensors compare elementwise and cannot key a WeakKeyDictionary."""
 
     def __init__(self, build):
@@ -123,15 +141,40 @@ class _PerWeight:
             return self._build(values, meta)
         version = (values._version, meta._version)
         entry = self._entries.get(id(values))
-        if entry is None or entry[0]() is not values or entry[1] != version:
+        if entry is None or entry[0]() is not values or entry[1]() is not meta or entry[2] != version:
             if entry is None or entry[0]() is not values:
                 weakref.finalize(values, self._entries.pop, id(values), None)
-            entry = (weakref.ref(values), version, self._build(values, meta))
+            entry = (weakref.ref(values), weakref.ref(meta), version, self._build(values, meta))
             self._entries[id(values)] = entry
-        return entry[2]
+        return entry[3]
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+# Meta tensors whose encoding was checked, by id -> (weak reference, version counter; None for an inference
+# tensor, which has none): a SparseLinear builds its SparseWeight every forward, and only the first build of
+# a buffer (or of a buffer written since) pays the check's host read.
+_checked: dict[int, tuple[weakref.ref, int | None]] = {}
+
+
+def _mark_checked(meta: Tensor) -> None:
+    key = id(meta)
+    entry = _checked.get(key)
+    if entry is None or entry[0]() is not meta:
+        weakref.finalize(meta, _checked.pop, key, None)
+    _checked[key] = (weakref.ref(meta), None if meta.is_inference() else meta._version)
+
+
+def _checked_meta(meta: Tensor, name: str = "meta") -> None:
+    if torch.compiler.is_compiling():
+        return
+    entry = _checked.get(id(meta))
+    if (entry is not None and entry[0]() is meta
+            and entry[1] == (None if meta.is_inference() else meta._version)):
+        return
+    checks.check_2to4_meta(meta, name)
+    _mark_checked(meta)
 
 
 # The torch backend keeps the dense weight: then a call costs what F.linear costs (the CPU path trades memory
@@ -195,7 +238,10 @@ def sparse_linear(x: Tensor, weight: SparseWeight, bias: Tensor | None = None) -
     checks.check_same_device(x, "x", weight=weight.values, bias=bias)
     rows = math.prod(x.shape[:-1])
     impl = _dispatch.select("sparse_linear", x.device, x.dtype, rows=rows, features=weight.shape)
-    y = impl(x.reshape(rows, in_features).contiguous(), weight.values, weight.meta, bias)
+    # Every backend indexes its operands as contiguous rows (the Triton kernel by K // 2 and K // 8, the CUDA
+    # launcher refuses anything else): views are copied here, contiguous tensors pass as they are.
+    y = impl(x.reshape(rows, in_features).contiguous(), weight.values.contiguous(), weight.meta.contiguous(),
+             None if bias is None else bias.contiguous())
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -208,12 +254,18 @@ class SparseLinear(nn.Module):
         checks.check_int(in_features, "in_features", minimum=GROUP)
         if in_features % GROUP:
             raise ValueError(f"in_features: expected a multiple of {GROUP} for the 2:4 format, got {in_features}")
+        checks.check_int(out_features, "out_features", minimum=1)
+        checks.check_bool(bias, "bias")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating-point torch.dtype (or None), got {dtype!r}")
         self.in_features, self.out_features = in_features, out_features
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, **factory))
-        self.register_buffer("meta", torch.zeros(out_features, in_features // GROUP, dtype=torch.uint8,
-                                                 device=device))
+        # 0x44 (positions 0 and 1 in both groups) is what compress_2to4 gives the all-zero weight
+        self.register_buffer("meta", torch.full((out_features, in_features // GROUP), _ZERO_WEIGHT_META,
+                                                dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        _mark_checked(self.meta)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: Tensor | None = None) -> SparseLinear:
@@ -232,9 +284,28 @@ class SparseLinear(nn.Module):
                      dtype=weight.dtype)
         module.values.copy_(sparse.values)
         module.meta.copy_(sparse.meta)
+        _mark_checked(module.meta)   # compress_2to4 made it
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checked before anything is copied: a refused state dict leaves the module as it was. A meta of another
+        # dtype would be cast by copy_ (4.7 -> 4), so it is refused too; shapes are left to nn.Module's checks.
+        name = prefix + "meta"
+        meta = state_dict.get(name)
+        if isinstance(meta, Tensor):
+            checks.check_dtype(meta, name, (torch.uint8,))
+            if meta.shape == self.meta.shape:
+                checks.check_2to4_meta(meta, name)
+        values = state_dict.get(prefix + "values")
+        if isinstance(values, Tensor):
+            checks.check_floating(values, prefix + "values")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if isinstance(meta, Tensor) and not error_msgs:
+            _mark_checked(self.meta)   # just checked: the forward after a load pays no host read
 
     @property
     def weight(self) -> SparseWeight:

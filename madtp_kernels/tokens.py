@@ -133,6 +133,7 @@ def pack(x: Tensor, lengths: Tensor | None = None, *, mask: Tensor | None = None
     """
     checks.check_tensor(x, "x")
     checks.check_ndim(x, "x", tuple(range(2, 9)), "[B, N, ...]")
+    checks.check_sizes(x, "x", tuple(range(2, x.dim())), "feature dims")
     if lengths is not None and isinstance(lengths, Tensor) and lengths.dtype == torch.bool and mask is None:
         lengths, mask = None, lengths
     if (lengths is None) == (mask is None):
@@ -152,6 +153,7 @@ def pack(x: Tensor, lengths: Tensor | None = None, *, mask: Tensor | None = None
             raise ValueError(f"lengths: expected shape ({batch},) (x's batch dim), got {tuple(lengths.shape)}")
         checks.check_same_device(x, "x", lengths=lengths)
         if not torch.compiler.is_compiling() and batch:
+            checks.check_has_data(lengths, "lengths")
             lo, hi = int(lengths.min()), int(lengths.max())
             if lo < 0 or hi > n:
                 raise ValueError(f"lengths: expected values in [0, {n}] (x.shape[1]), got min {lo}, max {hi}")
@@ -167,15 +169,15 @@ def unpack(packed: Tensor, cu_seqlens: Tensor | RaggedLayout, *, max_len: int | 
     """Pad packed rows back to `[B, max_len, ...]` (max_len defaults to the longest sample)."""
     checks.check_tensor(packed, "packed")
     checks.check_ndim(packed, "packed", tuple(range(1, 8)), "[T, ...]")
+    checks.check_sizes(packed, "packed", tuple(range(1, packed.dim())), "feature dims")
     checks.check_same_device(packed, "packed", cu_seqlens=device_offsets(cu_seqlens, "cu_seqlens"))
     cu_seqlens, given, offsets = resolve(cu_seqlens, "cu_seqlens", packed.shape[0])
-    if not isinstance(pad_value, (int, float)) or isinstance(pad_value, bool):
-        raise TypeError(f"pad_value: expected a float, got {type(pad_value).__name__}")
+    pad_value = checks.check_float(pad_value, "pad_value")   # any float: -inf / NaN padding are fill values
     max_len = max_len_of(max_len, "max_len", given, offsets, unit="sample", rows=" rows")
     impl = _dispatch.select("unpack", packed.device, packed.dtype)
     feature_shape = packed.shape[1:]
     rows = packed.reshape(packed.shape[0], math.prod(feature_shape)).contiguous()
-    out = impl(rows, cu_seqlens.contiguous(), max_len, float(pad_value))
+    out = impl(rows, cu_seqlens.contiguous(), max_len, pad_value)
     return out.reshape(out.shape[0], max_len, *feature_shape)
 
 
@@ -192,6 +194,7 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor | RaggedLayout, scores: Tensor, t
     checks.check_same_device(x, "x", cu_seqlens=device_offsets(cu_seqlens, "cu_seqlens"), scores=scores,
                              threshold=threshold)
     checks.check_ndim(x, "x", 2, "2-D [T, C]")
+    checks.check_sizes(x, "x", (1,), "channels")
     cu_seqlens, given, offsets = resolve(cu_seqlens, "cu_seqlens", x.shape[0])
     bound = given.max_len if given is not None else (
         max_len_of(None, "cu_seqlens", None, offsets) if offsets is not None else None)
@@ -204,8 +207,7 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor | RaggedLayout, scores: Tensor, t
     if tuple(threshold.shape) != (batch,):
         raise ValueError(f"threshold: expected shape ({batch},) (one per sample), got {tuple(threshold.shape)}")
     checks.check_int(keep_first, "keep_first", minimum=0)
-    if not isinstance(merge, bool):
-        raise TypeError(f"merge: expected a bool, got {type(merge).__name__}")
+    checks.check_bool(merge, "merge")
     impl = _dispatch.select("prune_tokens", x.device, x.dtype, scores.dtype)
     y, cu_new, kept_index = impl(x.contiguous(), cu_seqlens.contiguous(), scores.contiguous(),
                                  threshold.contiguous(), keep_first, merge)
