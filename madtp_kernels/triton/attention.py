@@ -164,15 +164,20 @@ def _tile_bounds(cu_tiled_ptr, num_seqs, cu_q_ptr, cu_k_ptr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _listed_tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr):
-    """`_tile_bounds` from a device-built work list (`_tile_table`): the backward's, off the inference path."""
+def _listed_tile_bounds(tiles_ptr, num_tiles, num_seqs, cu_q_ptr, cu_k_ptr):
+    """`_tile_bounds` from a device-built work list (`_tile_table`): the backward's, off the inference path.
+
+    Surplus entries hold seq = num_seqs (the caller exits on it); their other fields are read for the last
+    sequence, so that no load reaches cu[num_seqs + 1].
+    """
     tile = tl.program_id(0)
     seq = tl.load(tiles_ptr + tile)
     block_start = tl.load(tiles_ptr + num_tiles + tile)
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    k_start = tl.load(cu_k_ptr + seq)
-    k_len = tl.load(cu_k_ptr + seq + 1) - k_start
+    s = tl.minimum(seq, num_seqs - 1)
+    q_start = tl.load(cu_q_ptr + s)
+    q_len = tl.load(cu_q_ptr + s + 1) - q_start
+    k_start = tl.load(cu_k_ptr + s)
+    k_len = tl.load(cu_k_ptr + s + 1) - k_start
     return seq, block_start, q_start, q_len, k_start, k_len
 
 
@@ -339,7 +344,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, out_ptr, do_ptr, lse_ptr, delta_ptr, dq_
     With HAS_Q_INDEX, dq_ptr is a zeroed fp32 [Pq, H, D] buffer that receives atomic adds at physical rows
     (an index may repeat a row); otherwise it is the [Tq, H, D] result in q's dtype.
     """
-    seq, m_start, q_start, q_len, k_start, k_len = _listed_tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr)
+    seq, m_start, q_start, q_len, k_start, k_len = _listed_tile_bounds(tiles_ptr, num_tiles, num_seqs, cu_q_ptr,
+                                                                       cu_k_ptr)
     if seq >= num_seqs:
         return
     h = tl.program_id(1)
@@ -382,7 +388,8 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
     With HAS_KV_INDEX, dk_ptr/dv_ptr are zeroed fp32 [Pk, H, D] buffers receiving atomic adds at physical
     rows; otherwise the [Tk, H, D] results in k's dtype.
     """
-    seq, n_start, q_start, q_len, k_start, k_len = _listed_tile_bounds(tiles_ptr, num_tiles, cu_q_ptr, cu_k_ptr)
+    seq, n_start, q_start, q_len, k_start, k_len = _listed_tile_bounds(tiles_ptr, num_tiles, num_seqs, cu_q_ptr,
+                                                                       cu_k_ptr)
     if seq >= num_seqs:
         return
     h = tl.program_id(1)

@@ -15,6 +15,8 @@ from madtp_kernels import _dispatch
 # The kernel's error against float64 may be at most 2x plain PyTorch's error in the same dtype, plus this
 # absolute slack for the dtype's rounding of the output (CONVENTIONS.md rule 6).
 ROUNDING = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# Every oracle test passes a scale other than the default 1/sqrt(D), so a kernel that ignores it fails.
+SCALE = 1.7
 
 
 @st.composite
@@ -36,9 +38,9 @@ def check_against_oracle(backend, device, dtype, case, return_stats=True):
     case = dict(case)
     causal = case.pop("causal")
     inputs = make_inputs(**case, dtype=dtype, device=device)
-    scale = case["head_dim"] ** -0.5
+    scale = SCALE * case["head_dim"] ** -0.5
     with mk.use_backend(backend):
-        result = mk.varlen_attention(**inputs, causal=causal, return_stats=return_stats)
+        result = mk.varlen_attention(**inputs, scale=scale, causal=causal, return_stats=return_stats)
     out, stats = result if return_stats else (result, None)
     cpu = {name: (t.cpu() if t is not None else None) for name, t in inputs.items()}
     args = (cpu["q"], cpu["k"], cpu["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"])
@@ -79,10 +81,10 @@ def test_repeated_kv_rows_and_empty_batch(backend, device):
     inputs = make_inputs([4, 3], [5, 2], 2, 32, torch.float32, seed=3, device=device)
     inputs["kv_index"] = torch.tensor([0, 0, 1, 1, 2, 6, 6], dtype=torch.int32, device=device)
     with mk.use_backend(backend):
-        out, stats = mk.varlen_attention(**inputs, return_stats=True)
+        out, stats = mk.varlen_attention(**inputs, scale=0.4, return_stats=True)
     cpu = {n: t.cpu() for n, t in inputs.items() if t is not None}
     want = oracle_attention(cpu["q"], cpu["k"], cpu["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"],
-                            scale=32 ** -0.5, causal=False, kv_index=cpu["kv_index"])
+                            scale=0.4, causal=False, kv_index=cpu["kv_index"])
     torch.testing.assert_close(out.cpu().double(), want[0], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(stats.received.cpu().double(), want[1], atol=2e-5, rtol=1e-5)
     empty = torch.zeros(1, dtype=torch.int32, device=device)
@@ -97,7 +99,8 @@ def test_gradcheck_torch(causal, indexed):
     inputs = make_inputs([3, 0, 4], [2, 3, 5], 2, 5, torch.float64, seed=11, index_q=indexed, index_kv=indexed)
     q, k, v = (inputs.pop(n).requires_grad_() for n in ("q", "k", "v"))
     with mk.use_backend("torch"):
-        torch.autograd.gradcheck(lambda q, k, v: mk.varlen_attention(q, k, v, **inputs, causal=causal), (q, k, v))
+        torch.autograd.gradcheck(lambda q, k, v: mk.varlen_attention(q, k, v, **inputs, scale=0.6, causal=causal),
+                                 (q, k, v))
 
 
 @pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
@@ -106,16 +109,56 @@ def test_gradients_match_oracle(backend, device):
     leaves = {n: inputs.pop(n).requires_grad_() for n in ("q", "k", "v")}
     weights = torch.randn(sum([6, 1, 9]), 2, 32, generator=torch.Generator().manual_seed(0)).to(device)
     with mk.use_backend(backend):  # the backward op is chosen like the forward: here, the same backend
-        out, stats = mk.varlen_attention(**leaves, **inputs, causal=True, return_stats=True)
+        out, stats = mk.varlen_attention(**leaves, **inputs, scale=0.3, causal=True, return_stats=True)
         grads = torch.autograd.grad((out * weights).sum(), list(leaves.values()))
     assert not stats.received.requires_grad
     ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
     cpu = {n: t.cpu() for n, t in inputs.items() if t is not None}
     want = oracle_attention(ref["q"], ref["k"], ref["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"],
-                            scale=32 ** -0.5, causal=True, kv_index=cpu["kv_index"])[0]
+                            scale=0.3, causal=True, kv_index=cpu["kv_index"])[0]
     want_grads = torch.autograd.grad((want * weights.cpu().double()).sum(), list(ref.values()))
     for got, expected in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got.cpu().double(), expected, atol=1e-4, rtol=1e-4)
+
+
+# Cross-attention lengths across the backward's query tiles (16 / 32 rows) and key tiles (16 / 32 / 64), with
+# empty sequences, a query without keys and (causal) queries that see nothing.
+BWD_Q, BWD_K = [37, 0, 70, 1, 5, 9], [40, 3, 70, 1, 0, 4]
+# Every head dim from 16 to 128 the Triton backend pads (24, 40, 80, 96) or not, each under two of the eight
+# (dtype, causal, indexed) combinations; together they cover every combination at least twice.
+BWD_CASES = [(d, dtype, causal, indexed)
+             for i, d in enumerate([16, 24, 40, 64, 80, 96, 128, 32])
+             for j, (dtype, causal, indexed) in enumerate(
+                 [(dt, c, x) for dt in (torch.float32, torch.float16) for c in (False, True) for x in (False, True)])
+             if j in (i % 8, (i + 3) % 8)]
+
+
+@pytest.mark.parametrize("backend,device", backend_params("varlen_attention_backward"))
+@pytest.mark.parametrize("head_dim,dtype,causal,indexed", BWD_CASES,
+                         ids=[f"D{d}-{str(t)[6:]}-causal{int(c)}-index{int(x)}" for d, t, c, x in BWD_CASES])
+def test_backward_matches_oracle(backend, device, head_dim, dtype, causal, indexed):
+    inputs = make_inputs(BWD_Q, BWD_K, 2, head_dim, dtype, seed=head_dim, index_q=indexed, index_kv=indexed,
+                         device=device)
+    leaves = {n: inputs.pop(n).requires_grad_() for n in ("q", "k", "v")}
+    weights = torch.randn(sum(BWD_Q), 2, head_dim, generator=torch.Generator().manual_seed(2))
+    scale = 0.8 * head_dim ** -0.5
+    with mk.use_backend(backend):
+        out = mk.varlen_attention(**leaves, **inputs, scale=scale, causal=causal)
+        grads = torch.autograd.grad((out * weights.to(device, dtype)).sum(), list(leaves.values()))
+    cpu = {n: t.cpu() for n, t in inputs.items() if t is not None}
+    kw = dict(scale=scale, causal=causal, q_index=cpu.get("q_index"), kv_index=cpu.get("kv_index"))
+
+    def oracle_grads(precision):
+        ref = [t.detach().cpu().to(precision).requires_grad_() for t in leaves.values()]
+        want = oracle_attention(*ref, cpu["cu_seqlens_q"], cpu["cu_seqlens_k"], **kw, dtype=precision)[0]
+        return torch.autograd.grad((want * weights.to(precision)).sum(), ref)
+
+    # As for the forward: at most 2x plain PyTorch's error in the same dtype, plus the dtype's output rounding.
+    for name, got, exact, plain in zip("qkv", grads, oracle_grads(torch.float64), oracle_grads(dtype), strict=True):
+        assert got.dtype == dtype and got.shape == exact.shape
+        err = (got.cpu().double() - exact).abs().max().item()
+        budget = 2 * (plain.double() - exact).abs().max().item() + ROUNDING[dtype] * max(1.0, exact.abs().max().item())
+        assert err <= budget, f"d{name}: error {err:.3g} > budget {budget:.3g}"
 
 
 @pytest.mark.parametrize("return_stats", [False, True], ids=["plain", "stats"])
@@ -205,12 +248,12 @@ def test_many_sequences(backend, device, causal):
     leaves = {n: inputs.pop(n).requires_grad_() for n in ("q", "k", "v")}
     weights = torch.randn(sum(MANY_Q), 1, 32, generator=torch.Generator().manual_seed(1)).to(device)
     with mk.use_backend(backend):
-        out = mk.varlen_attention(**leaves, **inputs, causal=causal)
+        out = mk.varlen_attention(**leaves, **inputs, scale=0.25, causal=causal)
         grads = torch.autograd.grad((out * weights).sum(), list(leaves.values()))
     ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
     cpu = {n: t.cpu() for n, t in inputs.items() if t is not None}
     want = oracle_attention(ref["q"], ref["k"], ref["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"],
-                            scale=32 ** -0.5, causal=causal)[0]
+                            scale=0.25, causal=causal)[0]
     want_grads = torch.autograd.grad((want * weights.cpu().double()).sum(), list(ref.values()))
     for got, expected in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got.cpu().double(), expected, atol=1e-4, rtol=1e-4)
