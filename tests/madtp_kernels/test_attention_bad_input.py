@@ -56,3 +56,66 @@ def test_unsupported_head_dim_on_a_forced_backend_names_the_backends_that_can():
     with mk.use_backend("triton"), pytest.raises(TypeError, match=r"head dims up to 128, got 160.*'torch'"):
         mk.varlen_attention(q, q, q, cu)
     assert mk.varlen_attention(q, q, q, cu).shape == q.shape  # automatic choice: the torch backend takes it
+
+
+# Issue 18: what an op refuses, it refuses on every backend, before any of them runs.
+BACKENDS = ["torch", "triton"]
+NAN, INF = float("nan"), float("inf")
+
+ISSUE_18_CASES = [
+    (dict(q=torch.randn(6, 2, 0), k=torch.randn(5, 2, 0), v=torch.randn(5, 2, 0)), ValueError,
+     r"q: expected head dim >= 1 \(dim 2\), got shape \(6, 2, 0\)"),
+    (dict(q=torch.randn(6, 0, 8), k=torch.randn(5, 0, 8), v=torch.randn(5, 0, 8)), ValueError,
+     r"q: expected heads >= 1 \(dim 1\), got shape \(6, 0, 8\)"),
+    (dict(scale=NAN), ValueError, "scale: expected a finite float, got nan"),
+    (dict(scale=INF), ValueError, "scale: expected a finite float, got inf"),
+    (dict(scale=-INF), ValueError, "scale: expected a finite float, got -inf"),
+    (dict(scale=True), TypeError, "scale: expected a float, got bool"),
+    (dict(q_index=[0, 1, 2, 3, 4, 5]), TypeError, "q_index: expected a torch.Tensor, got list"),
+    (dict(kv_index=(0, 1, 2, 3, 4)), TypeError, "kv_index: expected a torch.Tensor, got tuple"),
+    (dict(return_stats="yes"), TypeError, "return_stats: expected a bool, got str"),
+    (dict(q=torch.randn(6, 2, 8, device="meta"), k=torch.randn(5, 2, 8, device="meta"),
+          v=torch.randn(5, 2, 8, device="meta"), cu_seqlens_q=torch.tensor([0, 2, 6], dtype=I32, device="meta"),
+          cu_seqlens_k=torch.tensor([0, 1, 5], dtype=I32, device="meta")), ValueError,
+     "q: expected a tensor with data .* meta device"),
+    (dict(max_seqlen_q=2**31), ValueError, "max_seqlen_q: expected an int <= 2147483647, got 2147483648"),
+    (dict(max_seqlen_k=2**40), ValueError, "max_seqlen_k: expected an int <= 2147483647"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("over,exc,msg", ISSUE_18_CASES)
+def test_rejects_on_every_backend(backend, over, exc, msg):
+    with mk.use_backend(backend), pytest.raises(exc, match=msg):
+        mk.varlen_attention(**_args(**over))
+
+
+def test_zero_heads_is_an_error_not_a_crash():
+    # Was SIGFPE in the CPU SDPA kernel: run in a child so that a crash fails this test, not the session.
+    import subprocess
+    import sys
+    code = ("import torch, madtp_kernels as mk\nq = torch.randn(8, 0, 16)\n"
+            "try:\n    mk.varlen_attention(q, q, q, torch.tensor([0, 3, 8], dtype=torch.int32))\n"
+            "except ValueError as e:\n    print('refused:', e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "refused: q: expected heads >= 1" in run.stdout, (run.returncode, run.stderr)
+
+
+def test_a_meta_layout_is_refused_when_made():
+    with pytest.raises(ValueError, match="cu_seqlens: expected a tensor with data .* meta device"):
+        mk.RaggedLayout.from_cu_seqlens(torch.tensor([0, 2, 6], dtype=I32, device="meta"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [-0.7, 0.0, 3])
+def test_any_finite_scale_is_the_formula(backend, scale):
+    # Zero and negative scales are a softmax like any other (uniform, reversed): the float64 oracle's answer.
+    from attention_oracle import oracle_attention
+
+    g = torch.Generator().manual_seed(int(1000 * abs(scale)) + 7)
+    q, k, v = (torch.randn(9, 2, 16, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 4, 9], dtype=I32)
+    with mk.use_backend(backend):
+        out = mk.varlen_attention(q, k, v, cu, scale=scale)
+    want, _, _ = oracle_attention(q, k, v, cu, cu, scale=float(scale), causal=False)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)

@@ -96,3 +96,41 @@ def test_forced_backend_that_cannot_take_the_inputs_says_which_can():
     cu = torch.tensor([0, 4], dtype=I32)
     with mk.use_backend("cuda"), pytest.raises(TypeError, match=r"prune_tokens: backend 'cuda'.*can run.*'torch'"):
         mk.prune_tokens(x, cu, torch.rand(4), torch.rand(1))
+
+
+# ------------------------------------------------------------------ issue 18: on every backend, before any runs
+BACKENDS = ["torch", "triton"]
+META = dict(device="meta")
+
+ISSUE_18_CASES = [
+    (lambda: mk.pack(torch.randn(2, 5, 0), torch.tensor([2, 3])), ValueError,
+     r"x: expected feature dims >= 1 \(dim 2\), got shape \(2, 5, 0\)"),
+    (lambda: mk.pack(torch.randn(2, 5, 3, 0), mask=torch.ones(2, 5, dtype=torch.bool)), ValueError,
+     r"x: expected feature dims >= 1 \(dim 3\)"),
+    (lambda: mk.pack(torch.randn(2, 5, 3, **META), torch.tensor([2, 3], **META)), ValueError,
+     "x: expected a tensor with data .* meta device"),
+    (lambda: mk.unpack(torch.randn(6, 0), torch.tensor([0, 2, 6], dtype=I32)), ValueError,
+     r"packed: expected feature dims >= 1 \(dim 1\), got shape \(6, 0\)"),
+    (lambda: mk.unpack(torch.randn(6, 3, **META), torch.tensor([0, 2, 6], dtype=I32, **META)), ValueError,
+     "packed: expected a tensor with data .* meta device"),
+    (lambda: mk.unpack(torch.randn(6, 3), torch.tensor([0, 2, 6], dtype=I32), max_len=2**31), ValueError,
+     "max_len: expected an int <= 2147483647, got 2147483648"),
+    (lambda: mk.unpack(torch.randn(6, 3), mk.RaggedLayout.from_cu_seqlens(torch.tensor([0, 2, 6], dtype=I32)),
+                       max_len=2**62), ValueError, "max_len: expected an int <= 2147483647"),
+    (lambda: mk.unpack(torch.randn(6, 3), torch.tensor([0, 2, 6], dtype=I32), pad_value=True), TypeError,
+     "pad_value: expected a float, got bool"),
+    (lambda: mk.prune_tokens(**_prune_args(x=torch.randn(6, 0))), ValueError,
+     r"x: expected channels >= 1 \(dim 1\), got shape \(6, 0\)"),
+    (lambda: mk.prune_tokens(torch.randn(6, 4, **META), torch.tensor([0, 2, 6], dtype=I32, **META),
+                             torch.rand(6, **META), torch.rand(2, **META)), ValueError,
+     "x: expected a tensor with data .* meta device"),
+    (lambda: mk.prune_tokens(**_prune_args(threshold=[0.5, 0.5])), TypeError,
+     "threshold: expected a torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call,exc,msg", ISSUE_18_CASES)
+def test_issue_18_rejects_on_every_backend(backend, call, exc, msg):
+    with mk.use_backend(backend), pytest.raises(exc, match=msg):
+        call()
