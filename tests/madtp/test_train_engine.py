@@ -2,6 +2,7 @@
 SIGKILL), crash-safe checkpoints, bad input. Toy model and task live in _train_toy.py (also run as a script)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +234,12 @@ def test_partial_checkpoints_are_ignored(tmp_path, monkeypatch):
         f.truncate(100)
     (ckdir / ckpt.LATEST).write_text("step_00000010\n")
     assert [p.name for p in list_checkpoints(ckdir)] == ["step_00000002", "step_00000004"]
+    # `latest` names it, so it was complete once: damaged since, an error rather than a silent older resume
+    with pytest.raises(ckpt.IntegrityError, match=r"step_00000010/model\.safetensors: truncated"):
+        latest_checkpoint(ckdir)
+    with pytest.raises(ckpt.IntegrityError, match=r"step_00000010/model\.safetensors: truncated"):
+        build(_cfg(tmp_path, max_steps=6, checkpoint_every=2, resume=True))
+    shutil.rmtree(truncated)   # what the user does about it: `latest` names nothing now, the newest complete wins
     assert latest_checkpoint(ckdir).name == "step_00000004"
 
     resumed = build(_cfg(tmp_path, max_steps=6, checkpoint_every=2, resume=True))
@@ -241,6 +248,63 @@ def test_partial_checkpoints_are_ignored(tmp_path, monkeypatch):
     assert not tmp.exists()
     assert latest_checkpoint(ckdir).name == "step_00000006"
     assert (ckdir / ckpt.LATEST).stat().st_mode & 0o044                     # readable like an ordinary file
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fname", [ckpt.MODEL_FILE, ckpt.STATE_TENSOR_FILE, ckpt.STATE_JSON])
+def test_checkpoint_hashes_catch_a_flipped_bit(tmp_path, fname):
+    ckdir = tmp_path / "checkpoints"
+    t = build(_cfg(tmp_path, max_steps=2, checkpoint_every=2))
+    t.fit()
+    step = latest_checkpoint(ckdir)
+    meta = json.loads((step / ckpt.STATE_JSON).read_text())
+    assert meta["format"] == 2 and set(meta["files"]) == {ckpt.MODEL_FILE, ckpt.STATE_TENSOR_FILE}
+    for name, entry in meta["files"].items():
+        assert entry == {"size": (step / name).stat().st_size,
+                         "sha256": __import__("hashlib").sha256((step / name).read_bytes()).hexdigest()}
+    ckpt.load_checkpoint(step, build(_cfg(tmp_path / "x", max_steps=2)).model)   # intact: loads
+    f = step / fname
+    if fname == ckpt.STATE_JSON:   # a digit of the step: valid JSON, another value
+        text = f.read_text()
+        f.write_text(text.replace('"step": 2', '"step": 3', 1))
+        assert f.read_text() != text
+    else:                          # a bit in the last tensor's data: same size, still valid safetensors
+        _flip(f, f.stat().st_size - 1)
+    bad = rf"{step.name}/{fname.replace('.', '[.]')}: corrupted"
+    with pytest.raises(ckpt.IntegrityError, match=bad):
+        ckpt.load_checkpoint(step, build(_cfg(tmp_path / "x", max_steps=2)).model)
+    with pytest.raises(ckpt.IntegrityError, match=bad):
+        build(_cfg(tmp_path, max_steps=4, checkpoint_every=2, resume=True))
+    with pytest.raises(ckpt.IntegrityError, match=bad):
+        build(_cfg(tmp_path, max_steps=4, checkpoint_every=2, resume=str(step)))
+
+
+def test_checkpoint_missing_file_and_format_1(tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    t = build(_cfg(tmp_path, max_steps=2, checkpoint_every=2))
+    t.fit()
+    step = latest_checkpoint(ckdir)
+    saved = (step / ckpt.STATE_TENSOR_FILE).read_bytes()
+    (step / ckpt.STATE_TENSOR_FILE).unlink()
+    with pytest.raises(ckpt.IntegrityError, match=r"state\.safetensors: missing"):
+        build(_cfg(tmp_path, max_steps=4, resume=True))
+    (step / ckpt.STATE_TENSOR_FILE).write_bytes(saved)
+    # a format-1 checkpoint (sizes, no hashes) still resumes; its sizes are still checked
+    meta = json.loads((step / ckpt.STATE_JSON).read_text())
+    meta.pop("manifest_sha256")
+    meta["format"] = 1
+    meta["files"] = {k: v["size"] for k, v in meta["files"].items()}
+    (step / ckpt.STATE_JSON).write_text(json.dumps(meta))
+    assert build(_cfg(tmp_path, max_steps=4, resume=True)).step == 2
+    with open(step / ckpt.MODEL_FILE, "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(ckpt.IntegrityError, match=r"model\.safetensors: truncated"):
+        build(_cfg(tmp_path, max_steps=4, resume=True))
 
 
 def test_state_flattening_round_trips():

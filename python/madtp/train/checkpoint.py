@@ -7,12 +7,18 @@ Layout of a checkpoint directory::
         model.safetensors           the model's state_dict; tied (shared-storage) tensors stored once
         state.safetensors           every tensor of the other states (optimizer moments, callback tensors, ...)
         state.json                  written last: step, epoch, position, seeds, config, the non-tensor structure
-                                    of the other states (tensors replaced by references), file sizes
+                                    of the other states (tensors replaced by references), the size and SHA-256
+                                    of each file, and the SHA-256 of state.json itself (madtp.integrity)
 
 A checkpoint is written into a temporary directory (``.tmp-*``), every file and the directory are fsynced, and the
 directory is renamed into place; only then is ``latest`` replaced (write to a temporary file, fsync, os.replace).
 A crash at any point leaves either the previous checkpoint or the new one named by ``latest``, never a truncated
 one; leftover ``.tmp-*`` / ``.trash-*`` entries are ignored and removed by the next writer.
+
+Since a checkpoint appears complete or not at all, one that ``latest`` names and that is missing a file, or whose
+files or state.json do not match the hashes state.json records, was damaged after it was written: loading it (or
+finding it with ``latest_checkpoint``) raises ``IntegrityError`` naming the file instead of silently resuming from
+other weights. Checkpoints of format 1 (sizes only, no hashes) still load: their sizes are checked.
 """
 from __future__ import annotations
 
@@ -25,20 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from ..integrity import IntegrityError, check_seal, file_entry, seal, verify_files
 
 MODEL_FILE = "model.safetensors"
 STATE_TENSOR_FILE = "state.safetensors"
 STATE_JSON = "state.json"
 LATEST = "latest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: SHA-256 per file and a sealed state.json; 1: sizes only
 _NAME_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 
 __all__ = [
     "checkpoint_name", "flatten_state", "unflatten_state", "is_complete", "list_checkpoints", "latest_checkpoint",
-    "save_checkpoint", "load_checkpoint", "read_meta", "clean_stale",
+    "save_checkpoint", "load_checkpoint", "read_meta", "clean_stale", "verify_checkpoint", "IntegrityError",
 ]
 
 
@@ -131,17 +140,53 @@ def unflatten_state(spec: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # Finding checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 def read_meta(path: str | os.PathLike) -> dict:
-    """The parsed state.json of a checkpoint directory (raises ValueError when it is not a complete checkpoint)."""
+    """The parsed state.json of a checkpoint directory. Raises ValueError when it is not a complete checkpoint (no
+    or unreadable state.json), IntegrityError (a ValueError) when state.json was altered or a file it lists is
+    missing or of another size. The files' hashes are checked by ``verify_checkpoint`` (``load_checkpoint``)."""
     path = Path(path)
     meta_path = path / STATE_JSON
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"checkpoint: {path} is not a complete checkpoint ({STATE_JSON}: {e})") from None
-    for fname, size in meta.get("files", {}).items():
+    if not isinstance(meta, dict):
+        raise IntegrityError(meta_path, f"corrupted: expected a JSON object, got a JSON {type(meta).__name__}")
+    version = meta.get("format")
+    if version == 1:   # sizes only
+        files = meta.get("files", {})
+        if not isinstance(files, dict):
+            raise IntegrityError(meta_path, "corrupted: 'files' is not an object")
+        for fname, size in files.items():
+            f = path / str(fname)
+            if not f.is_file():
+                raise IntegrityError(f, f"missing (listed in {STATE_JSON})")
+            if f.stat().st_size != size:
+                raise IntegrityError(f, f"truncated or altered: {f.stat().st_size} bytes, {STATE_JSON} records "
+                                        f"{size}")
+        return meta
+    if version != FORMAT_VERSION:
+        raise IntegrityError(meta_path, f"unknown checkpoint format {version!r} (this madtp reads 1 and "
+                                        f"{FORMAT_VERSION})")
+    check_seal(meta, meta_path)
+    files = meta.get("files")
+    if not isinstance(files, dict) or set(files) != {MODEL_FILE, STATE_TENSOR_FILE}:
+        raise IntegrityError(meta_path, f"corrupted: 'files' must list {MODEL_FILE} and {STATE_TENSOR_FILE}")
+    for fname, entry in files.items():
         f = path / fname
-        if not f.is_file() or f.stat().st_size != size:
-            raise ValueError(f"checkpoint: {path} is not a complete checkpoint ({fname} missing or not {size} bytes)")
+        if not f.is_file():
+            raise IntegrityError(f, f"missing (listed in {STATE_JSON})")
+        if not isinstance(entry, dict) or f.stat().st_size != entry.get("size"):
+            raise IntegrityError(f, f"truncated or altered: {f.stat().st_size} bytes, {STATE_JSON} records "
+                                    f"{entry.get('size') if isinstance(entry, dict) else entry!r}")
+    return meta
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """read_meta, then every file against its recorded SHA-256 (format 2); returns the metadata."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format") != 1:
+        verify_files(path, meta["files"], path / STATE_JSON)
     return meta
 
 
@@ -163,15 +208,25 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The checkpoint ``latest`` names, if complete; otherwise the newest complete one; None if there is none."""
+    """The checkpoint ``latest`` names; if ``latest`` names none (missing, garbage, or a checkpoint since removed),
+    the newest complete one; None if there is none. A checkpoint ``latest`` names that exists but is incomplete or
+    altered raises IntegrityError: it was complete when ``latest`` was written, so it was damaged since."""
     directory = Path(directory)
     pointer = directory / LATEST
     try:
         name = pointer.read_text().strip()
     except OSError:
         name = ""
-    if name and _NAME_RE.match(name) and is_complete(directory / name):
-        return directory / name
+    if name and _NAME_RE.match(name) and (directory / name).is_dir():
+        try:
+            read_meta(directory / name)
+            return directory / name
+        except IntegrityError:
+            raise
+        except ValueError as e:
+            if (directory / name).is_dir():   # not removed by a concurrent writer's pruning meanwhile
+                raise IntegrityError(directory / name / STATE_JSON,
+                                     f"missing or unreadable in the checkpoint {LATEST} names ({e})") from None
     ckpts = list_checkpoints(directory)
     return ckpts[-1] if ckpts else None
 
@@ -256,8 +311,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Mod
     try:
         save_model(model, str(tmp / MODEL_FILE))
         save_file(tensors, str(tmp / STATE_TENSOR_FILE))
-        files = {f: (tmp / f).stat().st_size for f in (MODEL_FILE, STATE_TENSOR_FILE)}
-        doc = {"format": FORMAT_VERSION, **(meta or {}), "step": step, "state": spec, "files": files}
+        files = {f: file_entry(tmp / f) for f in (MODEL_FILE, STATE_TENSOR_FILE)}
+        doc = seal({**(meta or {}), "format": FORMAT_VERSION, "step": step, "state": spec, "files": files})
         with open(tmp / STATE_JSON, "w") as f:
             json.dump(doc, f, indent=1)
             f.flush()
@@ -291,12 +346,20 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Mod
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module | None = None,
                     device: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """Read a checkpoint: loads the weights into ``model`` (strict; tied weights restored) if given, and returns
+    """Read a checkpoint: checks every file against the hashes state.json records (IntegrityError naming the
+    first bad one), loads the weights into ``model`` (strict; tied weights restored) if given, and returns
     ``(meta, state)``: the state.json document and the non-model state with its tensors restored (on CPU)."""
     path = Path(path)
-    meta = read_meta(path)
-    if model is not None:
-        load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
-    tensors = load_file(str(path / STATE_TENSOR_FILE), device="cpu")
+    meta = verify_checkpoint(path)
+    try:
+        if model is not None:
+            try:
+                load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+            except RuntimeError as e:   # strict: missing / unexpected / mis-shaped keys
+                raise ValueError(f"{path / MODEL_FILE}: does not match the model being trained "
+                                 f"({' '.join(str(e).split())[:300]})") from None
+        tensors = load_file(str(path / STATE_TENSOR_FILE), device="cpu")
+    except SafetensorError as e:   # a format-1 checkpoint has no hashes to catch this first
+        raise IntegrityError(path, f"unreadable safetensors file ({e})") from None
     state = unflatten_state(meta.get("state", {}), tensors)
     return meta, state

@@ -663,8 +663,15 @@ class Trainer:
                 raise ValueError(f"resume: no complete checkpoint found in {self.checkpoint_dir}")
         else:
             path = Path(res)
-            if not ckpt.is_complete(path):
-                raise ValueError(f"resume: {path} is not a complete checkpoint")
+            if not path.is_dir():
+                raise FileNotFoundError(f"resume: {path} is not a checkpoint directory")
+            try:
+                ckpt.read_meta(path)
+            except ckpt.IntegrityError:
+                raise                   # names the damaged file
+            except ValueError:
+                raise ValueError(f"resume: {path} is not a complete checkpoint (no readable "
+                                 f"{ckpt.STATE_JSON})") from None
         self.load_checkpoint(path)
         self.resumed_from = path
 
