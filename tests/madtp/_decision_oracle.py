@@ -143,7 +143,30 @@ def pooled(align, mapped, lengths, protected, dim: int):
 
 
 def alignment_loss(image, text):
-    """mean over pairs and alignment tokens of 1 - cos(image, text), float64."""
+    """mean over pairs and alignment tokens of 1 - cos(image, text), float64; cos = 0 against a zero feature (a
+    sample without candidates pools nothing), as torch's cosine_similarity defines it (norms clamped at 1e-8)."""
     image, text = d(image), d(text)
     dots = (image * text).sum(-1)
-    return (1 - dots / (image.norm(dim=-1) * text.norm(dim=-1))).mean()
+    return (1 - dots / (image.norm(dim=-1) * text.norm(dim=-1)).clamp_min(1e-8)).mean()
+
+
+def capture(model):
+    """Pre-hooks on each encoder layer's layer_norm1 (the layer's input) and layer_norm2 (the rows after
+    attention and pruning), which the executors call as modules in both executions."""
+    seen, hooks = {}, []
+    for tower in ("vision_model", "text_model"):
+        for i, layer in enumerate(getattr(model, tower).encoder.layers):
+            for part in ("layer_norm1", "layer_norm2"):
+                key = (tower, i, part)
+                hooks.append(getattr(layer, part).register_forward_pre_hook(
+                    lambda m, args, key=key: seen.__setitem__(key, args[0].detach().clone())))
+    return seen, hooks
+
+
+def packed(t, lengths):
+    """Packed [T, C] rows from a capture: as is (ragged), or the valid prefix of each sample (padded [B, L, C])."""
+    if t.ndim == 2:
+        assert t.shape[0] == sum(lengths), (t.shape, lengths)
+        return t
+    assert t.shape[:2] == (len(lengths), max(lengths)), (t.shape, lengths)
+    return torch.cat([t[b, :n] for b, n in enumerate(lengths)])

@@ -2,6 +2,7 @@
 of ragged execution (pruning on), and remove() must give back the original model exactly."""
 import copy
 
+import _decision_oracle as oracle
 import madtp
 import pytest
 import torch
@@ -159,11 +160,33 @@ def test_alignment_loss(clip):
     assert all(r.pooled is None and not r.summaries for r in model.madtp.records.values())
     with pytest.raises(ValueError, match="did not record the vision and text branch"):
         madtp.alignment_loss(model)
+    with torch.no_grad():   # trained tokens are far from their 0.02 init, where all pooled features look alike
+        model.madtp.alignment.tokens.normal_(0, 0.3)
+    x = inputs()
+    seen, hooks = oracle.capture(model)
     with madtp.recording(model):
-        run(model, **inputs())
-    loss = madtp.alignment_loss(model)
-    assert loss.ndim == 0 and 0 <= float(loss) <= 2
+        run(model, **x)
+    for h in hooks:
+        h.remove()
+    # The oracle, from the formula: pruning off, each layer scores the rows that enter its layer_norm2.
     state = model.madtp
+    ids, lengths = x["input_ids"], x["attention_mask"].sum(1).tolist()
+    eot = (ids == EOS).int().argmax(-1).tolist()
+    layouts = {"vision": ("vision_model", [17] * 3, [False] * 51),
+               "text": ("text_model", lengths, [j == eot[b] for b, n in enumerate(lengths) for j in range(n)])}
+    features = {}
+    for branch, (tower, lens, protected) in layouts.items():
+        pool = 0
+        for i in range(len(getattr(model, tower).encoder.layers)):
+            a, mapped = oracle.alignment_scores(state.alignment, oracle.packed(seen[(tower, i, "layer_norm2")], lens),
+                                                branch)
+            pool = pool + oracle.pooled(a, mapped, lens, protected, state.alignment.dim)
+        torch.testing.assert_close(oracle.d(state.records[branch].pooled), pool, atol=2e-5, rtol=2e-5)
+        features[branch] = pool
+    loss = madtp.alignment_loss(model)
+    assert loss.ndim == 0
+    torch.testing.assert_close(oracle.d(loss), oracle.alignment_loss(features["vision"], features["text"]),
+                               atol=1e-6, rtol=1e-5)
     # widths differ (96 vision, 64 text): the text branch has its own map into the tokens' width
     assert set(state.alignment.maps) == {"text"} and state.alignment.tokens.shape == (8, 96)
     vision_only = madtp.apply(CLIPVisionModel(clip.config.vision_config).eval(), madtp.MADTPConfig())

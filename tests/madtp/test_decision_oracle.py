@@ -77,28 +77,6 @@ def test_score_and_prune_matches_the_oracle(backend, seed, merge):
 
 # ------------------------------------------------------------------ an applied CLIP, layer by layer
 
-def _capture(model):
-    """Pre-hooks on each encoder layer's layer_norm1 (the layer's input) and layer_norm2 (the rows after
-    attention and pruning), which the executors call as modules in both executions."""
-    seen, hooks = {}, []
-    for tower in ("vision_model", "text_model"):
-        for i, layer in enumerate(getattr(model, tower).encoder.layers):
-            for part in ("layer_norm1", "layer_norm2"):
-                key = (tower, i, part)
-                hooks.append(getattr(layer, part).register_forward_pre_hook(
-                    lambda m, args, key=key: seen.__setitem__(key, args[0].detach().clone())))
-    return seen, hooks
-
-
-def _rows(t, lengths):
-    """Packed [T, C] rows from a capture: as is (ragged), or the valid prefix of each sample (padded [B, L, C])."""
-    if t.ndim == 2:
-        assert t.shape[0] == sum(lengths), (t.shape, lengths)
-        return t
-    assert t.shape[:2] == (len(lengths), max(lengths)), (t.shape, lengths)
-    return torch.cat([t[b, :n] for b, n in enumerate(lengths)])
-
-
 def _match(rows_model, sample_args, start_model, count, mid, temperature, merge):
     """The oracle's decision for one sample that the model's `count` output rows (from start_model) match,
     allowing a float32 decision to differ on tokens within AMBIGUOUS of theta. -> (decision, error or None)."""
@@ -124,14 +102,15 @@ def _check_tower(model, seen, tower, lengths, protected, causal, branch, tempera
     report = madtp.pruning_report(model)
     alignment = model.madtp.alignment
     layers = getattr(model, tower).encoder.layers
-    pruned_layers = 0
+    pruned_layers, pool = 0, 0
     for i, layer in enumerate(layers):
         name = f"{tower}.encoder.layers.{i}"
-        x_in = _rows(seen[(tower, i, "layer_norm1")], lengths)
+        x_in = oracle.packed(seen[(tower, i, "layer_norm1")], lengths)
         mid, received, cls, o = oracle.clip_attention(layer, x_in, lengths, causal)
-        align, _ = oracle.alignment_scores(alignment, mid, branch)
+        align, mapped = oracle.alignment_scores(alignment, mid, branch)
+        pool = pool + oracle.pooled(align, mapped, lengths, protected, alignment.dim)
         counts = report[name].tolist()
-        out = _rows(seen[(tower, i, "layer_norm2")], counts)
+        out = oracle.packed(seen[(tower, i, "layer_norm2")], counts)
         start, start_out, new_protected = 0, 0, []
         for b, n in enumerate(lengths):
             s = slice(start, start + n)
@@ -142,6 +121,8 @@ def _check_tower(model, seen, tower, lengths, protected, causal, branch, tempera
             start, start_out = start + n, start_out + counts[b]
         pruned_layers += counts != lengths
         lengths, protected = counts, new_protected
+    # the pooled alignment features: scored on each layer's rows before its pruning, over its candidates
+    torch.testing.assert_close(oracle.d(model.madtp.records[branch].pooled), pool, **TOL)
     return pruned_layers
 
 
@@ -155,8 +136,8 @@ def test_clip_pruning_layers_match_the_oracle(execution, seed, merge, temperatur
     with torch.no_grad():   # trained alignment tokens are far from their 0.02 init: make the min over k matter
         model.madtp.alignment.tokens.normal_(0, 0.3)
     x = inputs(batch=4, lengths=(9, 2, 6, 5), seed=seed)
-    seen, hooks = _capture(model)
-    with torch.no_grad():
+    seen, hooks = oracle.capture(model)
+    with torch.no_grad(), madtp.recording(model):
         model(**x)
     for h in hooks:
         h.remove()
