@@ -4,6 +4,9 @@ Every op has up to three implementations with one semantics, registered as separ
 (`madtp_kernels::<op>_<backend>`). The public function validates its inputs, then asks `select` which backend
 runs them: an explicit `use_backend(...)` or `MADTP_KERNELS_BACKEND` wins (and is checked against the table,
 never silently ignored); otherwise CUDA tensors go to `cuda` if built, then `triton`, and CPU tensors to `torch`.
+A backend that cannot take the inputs is refused with `UnsupportedInputs` (a TypeError) naming the reason.
+The `cuda` backend is picked only on GPUs its binary holds code for (`cuda_archs`): SASS for sm_80 and sm_90a
+and, from builds that embed it, compute_90 PTX that the driver compiles for newer GPUs.
 """
 from __future__ import annotations
 
@@ -21,6 +24,10 @@ BACKEND_ENV = "MADTP_KERNELS_BACKEND"
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
+class UnsupportedInputs(TypeError):
+    """A backend refuses these inputs (dtype, head dim, feature sizes, device, GPU arch, or an op it lacks)."""
+
+
 def triton_interpret() -> bool:
     """The Triton interpreter runs kernels on CPU tensors; it is read once, when kernels are decorated."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -33,6 +40,32 @@ def _cuda_extension_built() -> bool:
     except ImportError:
         return False
     return True
+
+
+# What `_C` holds code for when it cannot say (built before it exported `cuda_archs`): SASS only.
+_LEGACY_CUDA_ARCHS = ("sm_80", "sm_90a")
+
+
+@functools.cache
+def cuda_archs() -> tuple[str, ...]:
+    """The archs `madtp_kernels._C` holds code for: `sm_XY[a]` SASS and `compute_XY` PTX (setup.py's -gencode)."""
+    if not _cuda_extension_built():
+        return ()
+    op = getattr(torch.ops.madtp_kernels, "cuda_archs", None)
+    return tuple(op().split()) if op is not None else _LEGACY_CUDA_ARCHS
+
+
+def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for `arch` runs on a GPU of `capability`: SASS sm_XY on major X with minor >= Y,
+    sm_XYa (arch-specific features) on X.Y only, PTX compute_XY on any capability >= X.Y (JIT-compiled)."""
+    kind, _, version = arch.partition("_")
+    specific = version.endswith("a")
+    major, minor = int(version.rstrip("a")[:-1]), int(version.rstrip("a")[-1])
+    if kind == "compute":
+        return capability >= (major, minor) and (not specific or capability == (major, minor))
+    if specific:
+        return capability == (major, minor)
+    return capability[0] == major and capability[1] >= minor
 
 
 @functools.cache
@@ -60,13 +93,27 @@ class Backend:
     is_available: Callable[[], bool]
     description: str
     limits: Mapping[str, Limits] = field(default_factory=dict)   # op name -> narrower limits
+    ops: frozenset[str] | None = None   # the ops it implements, declared (None: whatever registers)
+    archs: Callable[[], tuple[str, ...]] | None = None   # CUDA archs its binary holds code for (None: any)
 
     def supports_device(self, device: torch.device) -> bool:
+        return self.device_refusal(device) is None
+
+    def device_refusal(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on `device` (of a type it takes), or None."""
         if device.type not in self.devices:
-            return False
-        if device.type == "cuda" and self.min_capability is not None:
-            return torch.cuda.get_device_capability(device) >= self.min_capability
-        return True
+            return f"backend {self.name!r} takes tensors on {sorted(self.devices)}, got tensors on {device.type}"
+        if device.type != "cuda":
+            return None
+        capability = torch.cuda.get_device_capability(device)
+        if self.min_capability is not None and capability < self.min_capability:
+            return f"backend {self.name!r} needs compute capability >= {self.min_capability} on {device}"
+        if self.archs is not None:
+            archs = self.archs()
+            if not any(arch_runs_on(a, capability) for a in archs):
+                return (f"backend {self.name!r} holds no code for compute capability {capability} of {device}: "
+                        f"built for {list(archs)} (rebuild with its arch in setup.py's -gencode flags)")
+        return None
 
 
 def _triton_devices() -> frozenset[str]:
@@ -83,7 +130,11 @@ BACKENDS: dict[str, Backend] = {
                  # dense weight bytes, wins (pytorch#111339: cuSPARSELt 0.11x of dense at one row).
                  # cuSPARSELt's structured operand needs rows and columns in multiples of 16 (16-bit types).
                  "sparse_linear": Limits(frozenset({torch.float16, torch.bfloat16}), auto_min_rows=128,
-                                         feature_multiple=16)}),
+                                         feature_multiple=16)},
+                # csrc/ops.cpp's TORCH_LIBRARY: no attention backward in C++ (autograd takes another backend's).
+                ops=frozenset({"pack", "unpack", "prune_tokens", "score_and_prune", "varlen_attention",
+                               "sparse_linear"}),
+                archs=cuda_archs),
         Backend("triton", _triton_devices(), _FLOAT_DTYPES, (8, 0), _triton_importable,
                 "Triton kernels; on CPU only under TRITON_INTERPRET=1",
                 {op: Limits(max_head_dim=128) for op in ("varlen_attention", "varlen_attention_backward")}),
@@ -144,8 +195,9 @@ def _why_not(backend: Backend, op: str, device: torch.device, dtypes: tuple[torc
         return (f"backend {backend.name!r} takes tensors on {sorted(backend.devices)}, got tensors on "
                 f"{device.type}" + (" (set TRITON_INTERPRET=1 to run Triton on CPU)"
                                     if backend.name == "triton" and device.type == "cpu" else ""))
-    if not backend.supports_device(device):
-        return f"backend {backend.name!r} needs compute capability >= {backend.min_capability} on {device}"
+    reason = backend.device_refusal(device)
+    if reason is not None:
+        return reason
     return _beyond_limits(backend, op, dtypes, head_dim, features)
 
 
@@ -180,7 +232,7 @@ def select(op: str, device: torch.device, *dtypes: torch.dtype, head_dim: int | 
             return _REGISTRY[op][forced]
         if strict:
             able = [n for n in BACKENDS if _why_not(BACKENDS[n], op, device, dtypes, head_dim, features) is None]
-            raise TypeError(f"{op}: {reason}; backends that can run these inputs: {able}")
+            raise UnsupportedInputs(f"{op}: {reason}; backends that can run these inputs: {able}")
     reasons = []
     for name in AUTO_ORDER.get(device.type, ()):
         reason = _why_not(BACKENDS[name], op, device, dtypes, head_dim, features)
@@ -191,7 +243,7 @@ def select(op: str, device: torch.device, *dtypes: torch.dtype, head_dim: int | 
             return _REGISTRY[op][name]
         reasons.append(reason)
     given = "/".join(map(str, dtypes))
-    raise TypeError(f"{op}: no backend takes {given} tensors on {device}: " + "; ".join(reasons or ["none"]))
+    raise UnsupportedInputs(f"{op}: no backend takes {given} tensors on {device}: " + "; ".join(reasons or ["none"]))
 
 
 def implementations(op: str) -> dict[str, Callable]:
