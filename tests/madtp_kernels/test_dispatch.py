@@ -184,7 +184,8 @@ def test_declared_cuda_ops_are_the_ones_the_extension_registers():
     ("sm_80", (8, 0), True), ("sm_80", (8, 6), True), ("sm_80", (8, 9), True), ("sm_80", (9, 0), False),
     ("sm_86", (8, 0), False), ("sm_90a", (9, 0), True), ("sm_90a", (10, 0), False), ("sm_90", (12, 0), False),
     ("compute_90", (9, 0), True), ("compute_90", (10, 0), True), ("compute_90", (12, 0), True),
-    ("compute_90", (8, 9), False), ("compute_90a", (10, 0), False), ("compute_80", (9, 0), True)])
+    ("compute_90", (8, 9), False), ("compute_90a", (10, 0), False), ("compute_80", (9, 0), True),
+    ("sm_100a", (10, 3), False), ("sm_100", (10, 3), True), ("compute_100a", (10, 3), False)])
 def test_arch_compatibility_rules(arch, capability, runs):
     assert _dispatch.arch_runs_on(arch, capability) is runs
 
