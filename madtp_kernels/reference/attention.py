@@ -5,6 +5,17 @@ max_len^2 work on every sequence, this spends L_q * L_k. Without stats, CPU floa
 CPU flash kernel (one call per sequence). Otherwise a block of queries' [H, rows, Lk] probabilities is formed
 explicitly in fp32 (float64 for float64), and the statistics are read off it (never a [Tq, Tk] matrix).
 Differentiable: autograd through these ops is also the recompute-based backward of the other backends.
+
+Non-finite values (README "Non-finite values", the same on every backend): IEEE propagation. A NaN or inf in q,
+k or v reaches exactly the outputs whose formula reads it: a q row its own output row and, through the softmax,
+the statistics of its sequence's keys; a k row every query of its sequence (and their statistics); a v row the
+outputs of its sequence, never the statistics. A query whose scores are all -inf has zero probabilities (out 0,
+lse +inf, nothing added to the statistics), as in flash-attention and SDPA; a query with no key gets zeros
+whatever its values. Rows an index never refers to are never read. The CPU flash kernel and the padded batch do
+not follow this (the flash kernel returns zeros for a NaN query; padding rows meet other sequences' values in
+the products), so they run only on finite inputs: one reduction over q, k and v per call, read back together
+with the offsets this backend reads anyway (no extra host sync); other inputs take the explicit path.
+(causal=True: the mask is applied to the scores, so a non-finite v row also reaches the queries before it.)
 """
 from __future__ import annotations
 
@@ -24,12 +35,13 @@ def _causal_mask(rows: int, lq: int, lk: int, first_row: int, device) -> Tensor:
     return torch.arange(lk, device=device)[None, :] <= i + (lk - lq)
 
 
-def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool):
+def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool, bounds=None):
     """(b, q0, q1, k0, k1, first) for each sequence b with work: queries q0 + first .. q1 see keys k0 .. k1.
 
     Causal queries before lq - lk see no key: their output stays 0 and they add nothing to the stats or
-    gradients, so they are left out (first > 0); sequences without keys or queries are skipped."""
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    gradients, so they are left out (first > 0); sequences without keys or queries are skipped.
+    bounds: the two offset lists, where the caller has read them already."""
+    bounds_q, bounds_k = bounds if bounds is not None else (cu_seqlens_q.tolist(), cu_seqlens_k.tolist())
     for b in range(len(bounds_q) - 1):
         q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
         first = max(0, (q1 - q0) - (k1 - k0)) if causal else 0
@@ -37,10 +49,10 @@ def _sequences(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool):
             yield b, q0, q1, k0, k1, first
 
 
-def _split(cu_seqlens: Tensor, dim: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
+def _split(cu_seqlens: Tensor | list[int], dim: int, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
     """Per-sequence views of each tensor along dim: one split call each (a narrow per sequence costs ~2 us, the
-    same order as the work of a short sequence's own call)."""
-    bounds = cu_seqlens.tolist()
+    same order as the work of a short sequence's own call). cu_seqlens may be its host copy already."""
+    bounds = cu_seqlens if isinstance(cu_seqlens, list) else cu_seqlens.tolist()
     sizes = [hi - lo for lo, hi in pairwise(bounds)]
     return [t.split(sizes, dim) for t in tensors]
 
@@ -57,7 +69,7 @@ _BLOCK_BYTES = 8 << 20
 _MIN_BLOCK_ROWS = 64
 
 
-def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, scale: float,
+def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: list[int], cu_seqlens_k: list[int], scale: float,
                causal: bool, sequences, out: Tensor, lse: Tensor) -> None:
     """out and lse from the CPU flash kernel, one call per sequence on [1, H, L, D] views of the packed rows (no
     copy in). Its output is laid out as packed rows already, so the one copy left is into the result."""
@@ -77,11 +89,13 @@ def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
         lb.copy_(lse_b)
 
 
-def _explicit(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, scale: float,
+def _explicit(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: list[int], cu_seqlens_k: list[int], scale: float,
               causal: bool, sequences, out: Tensor, lse: Tensor, received: Tensor, cls: Tensor,
-              return_stats: bool) -> None:
+              return_stats: bool, finite: bool = True) -> None:
     """Softmax probabilities formed explicitly in out's dtype (the accumulation dtype), a block of queries at a
-    time; the statistics are column sums of the same block, so they cost one pass over it."""
+    time; the statistics are column sums of the same block, so they cost one pass over it. finite=False (some
+    input is not finite): rows whose scores are all -inf get zero probabilities and lse +inf (softmax would
+    give NaN there); finite inputs cannot produce such a row, so they skip the two ops."""
     acc = out.dtype
     heads = q.shape[1]
     # [H, L, D] per sequence; half inputs are upcast first, so their scores and sums are fp32 like the backward's
@@ -101,9 +115,14 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_
                 s.masked_fill_(~_causal_mask(n, lq, lk, r0, q.device), float("-inf"))
             row_max = s.amax(-1)
             p = torch.softmax(s, -1, out=s)
+            if not finite:
+                empty = row_max == float("-inf")
+                p.masked_fill_(empty[..., None], 0.0)
             # softmax puts 1 / sum(exp(s - max)) at the row's maximum, so lse = max - log(max p) without another
             # pass over exp(s); every row here sees a key (_sequences), so max p >= 1 / lk cannot underflow.
             torch.sub(row_max, p.amax(-1).log_(), out=lses[b].narrow(1, r0, n))
+            if not finite:
+                lses[b].narrow(1, r0, n).masked_fill_(empty, float("inf"))
             torch.bmm(p, vb, out=outs[b].narrow(1, r0, n))
             if return_stats:
                 if r0 == first:
@@ -193,12 +212,18 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         k, v = k.index_select(0, kv_index.long()), v.index_select(0, kv_index.long())
     heads = q.shape[1]
     sdt = stats_dtype(q.dtype)
-    sequences = list(_sequences(cu_seqlens_q, cu_seqlens_k, causal))
+    # One host read for both offset lists and whether q, k and v are all finite (a sum in the stats dtype is
+    # finite iff every element is, barring an overflow, which only sends the call down the explicit path).
+    nq = cu_seqlens_q.numel()
+    total = q.sum(dtype=sdt) + k.sum(dtype=sdt) + v.sum(dtype=sdt)
+    read = torch.cat((cu_seqlens_q, cu_seqlens_k, total.isfinite().reshape(1).to(cu_seqlens_q.dtype))).tolist()
+    finite = bool(read[-1])
+    sequences = list(_sequences(cu_seqlens_q, cu_seqlens_k, causal, (read[:nq], read[nq:-1])))
     # The CPU flash kernel is the fastest way to out and lse for fp32. For half inputs its lse is ~3e-5 off an
     # fp32 recomputation (5e-7 for fp32 inputs), which the backward's P = exp(s - lse) would inherit; its fp16 path
     # also measured 2.5x slower than upcasting here (bf16 1.2x faster). So half inputs, and all stats, take the
-    # explicit fp32 path.
-    flash = q.device.type == "cpu" and not return_stats and sdt == q.dtype
+    # explicit fp32 path; so do non-finite inputs (module docstring).
+    flash = q.device.type == "cpu" and not return_stats and sdt == q.dtype and finite
     out = q.new_empty(q.shape, dtype=q.dtype if flash else sdt)
     lse = torch.empty((q.shape[0], heads), dtype=sdt, device=q.device)
     # Every row a sequence computes is written; only the rows none does (queries without keys) are filled here.
@@ -210,13 +235,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         done = q1
     received = q.new_zeros((k.shape[0] if return_stats else 0, heads), dtype=sdt)
     cls = torch.zeros_like(received)
-    if not flash and _padded_is_cheaper(sequences, heads, q.shape[2], causal, out.element_size()):
+    if not flash and finite and _padded_is_cheaper(sequences, heads, q.shape[2], causal, out.element_size()):
         _padded(q, k, v, sequences, scale, out, lse, received, cls, return_stats)
     elif flash:
-        _flash_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, sequences, out, lse)
+        _flash_cpu(q, k, v, read[:nq], read[nq:-1], scale, causal, sequences, out, lse)
     else:
-        _explicit(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, sequences, out, lse, received, cls,
-                  return_stats)
+        _explicit(q, k, v, read[:nq], read[nq:-1], scale, causal, sequences, out, lse, received, cls,
+                  return_stats, finite)
     return out.to(q.dtype), received, cls, lse
 
 

@@ -5,13 +5,23 @@ Inputs arrive validated and contiguous (madtp_kernels.pruning). The per-sample r
 sample's candidates, the softmax over its tokens) run on a padded [B, L] grid gathered from the packed rows:
 each is then one dense op, whatever B, and no step reads anything back to the host. The grid holds per-token
 scalars (and the [B, L, K] alignment scores), never the rows themselves.
+
+Non-finite values (README "Non-finite values", the same on every backend): IEEE propagation, no host sync.
+Maxima and minima propagate NaN (torch.amax / amin); a term is 0 where its span over the candidates is exactly 0,
+and only there, so a NaN or infinite term of one candidate reaches every candidate's TIS through the min-max
+normalisation; a softmax whose logits are all -inf (a sample without candidates, or an alignment token scoring
+-inf on every candidate) has zero weights, and otherwise a NaN or +inf logit makes theta NaN. TIS > NaN is
+false: a NaN theta drops every candidate, and their NaN weights make the merged row NaN. The first row's
+attention output is read (head weights), no other's; rows that are not candidates (first, protected, padding)
+never reach the importance or theta, and a kept row's values never reach the merged row (selected away, not
+multiplied by a zero weight).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .tokens import accumulate_dtype, offsets_of
+from .tokens import accumulate_dtype, offsets_of, segment_matmul
 
 
 def _grid(cu_seqlens: Tensor, rows: int, max_len: int):
@@ -44,10 +54,11 @@ def importance_grid(cu_seqlens: Tensor, received: Tensor, cls: Tensor, attn_out:
                          torch.bmm(cls.to(acc)[index], head_weight[:, :, None]).squeeze(-1),
                          al.amax(-1)), dim=-1)                                               # [B, L, 3]
     # Min-max over the candidates (0 where a term is constant, and off the candidates). The divisor is made
-    # safe before dividing: the backward recomputes this, and 0/0 would give NaN gradients.
+    # safe before dividing: the backward recomputes this, and 0/0 would give NaN gradients. A NaN or infinite
+    # span is divided by (IEEE propagation, module docstring); only an exact 0 means "constant".
     lo = terms.masked_fill(~cand[..., None], float("inf")).amin(1, keepdim=True)
     span = terms.masked_fill(~cand[..., None], float("-inf")).amax(1, keepdim=True) - lo
-    ok = cand[..., None] & (span > 0)
+    ok = cand[..., None] & (span != 0)
     normed = torch.where(ok, (terms - lo) / torch.where(ok, span, 1), 0)
     return normed.sum(-1) / 3, cand, valid, index, al
 
@@ -56,7 +67,10 @@ def threshold_grid(tis: Tensor, cand: Tensor, al: Tensor, temperature: float) ->
     """theta [B] = min over alignment tokens k of sum_i softmax_i(A_ik / temperature) TIS_i over candidates i
     (0 for a sample without candidates). No gradient: the threshold is a decision."""
     logits = (al.detach() / temperature).masked_fill(~cand[..., None], float("-inf"))       # [B, L, K]
-    weights = torch.softmax(logits, dim=1).nan_to_num(0.0)   # a sample without candidates: all -inf -> 0
+    # All -inf (a sample without candidates, or a token at -inf on every candidate): zero weights, where
+    # softmax gives NaN. Any other NaN stays (no nan_to_num: a NaN logit or TIS must reach theta).
+    empty = logits.amax(1, keepdim=True) == float("-inf")
+    weights = torch.softmax(logits, dim=1).masked_fill_(empty, 0.0)
     return torch.bmm(tis.detach()[:, None, :], weights).squeeze(1).amin(-1)
 
 
@@ -95,9 +109,15 @@ def score_and_prune(x: Tensor, cu_seqlens: Tensor, received: Tensor, cls: Tensor
         merged_row = torch.where(has_merged, cu_new[1:].long() - 1, rows)
         source.scatter_(0, merged_row, -1)
         torch.index_select(x, 0, source[:rows].clamp_min(0), out=y[:rows])
-        # [B, T] weights times the rows: one GEMM, no gathered copy of x
-        weights = x.new_zeros((batch, rows), dtype=acc).scatter_add_(1, index, merge_weights(tis, drop))
-        y.index_copy_(0, merged_row, (weights @ x.to(acc)).to(x.dtype))
+        # Each sample's dropped rows times their weights: a segment (CSR) product over the sample's own rows,
+        # kept rows zeroed first. (A dense [B, T] GEMM would multiply every other row by a zero weight, and
+        # 0 * inf = NaN: one inf anywhere would reach every merged row.)
+        weights = x.new_zeros(rows + 1, dtype=acc).scatter_add_(
+            0, torch.where(valid, index, rows).view(-1), merge_weights(tis, drop).view(-1))[:rows]
+        dropped = torch.zeros(rows + 1, dtype=torch.bool, device=x.device).scatter_(
+            0, torch.where(drop, index, rows).view(-1), True)[:rows]
+        rows_acc = torch.where(dropped[:, None], x.to(acc), 0)
+        y.index_copy_(0, merged_row, segment_matmul(weights, rows_acc, cu_seqlens).to(x.dtype))
     else:
         torch.index_select(x, 0, source[:rows], out=y[:rows])
     kept_index = source[:rows]

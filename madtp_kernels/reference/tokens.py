@@ -3,6 +3,14 @@
 Inputs arrive validated and contiguous (see madtp_kernels.tokens). No Python loop over samples: per-row
 sample ids (`segment_ids`) turn per-sample work into index_add / gather over the packed rows.
 Accumulation is in float32 (float64 for float64 inputs), as in the kernels.
+
+Non-finite values (README "Non-finite values", the same on every backend): IEEE propagation, no host sync.
+pack / unpack copy values as they are (a masked-out row is never read; pad_value may be NaN or inf).
+prune_tokens keeps t < keep_first or score > threshold: a comparison with NaN is false, so a NaN score is
+dropped and a NaN threshold drops everything past keep_first. The merged row reads only the dropped rows and
+their scores: a NaN or inf there propagates by IEEE rules (a NaN score, or an inf row with score 0, gives a NaN
+merged row; weights summing to NaN are not 0, so no plain mean), and a kept row's values never reach it (they
+are selected away, not multiplied by a zero weight).
 """
 from __future__ import annotations
 
@@ -78,7 +86,8 @@ def keep_flags(cu_seqlens: Tensor, scores: Tensor, threshold: Tensor, keep_first
 
 def segment_matmul(weights: Tensor, x: Tensor, cu_seqlens: Tensor) -> Tensor:
     """out[b] = sum over rows r of sample b of weights[r] * x[r]: a [B, T] CSR matrix (its row offsets are
-    cu_seqlens) times x, one pass over x without a [T, C] temporary."""
+    cu_seqlens) times x, one pass over x without a [T, C] temporary. Every row of a sample is multiplied, zero
+    weights included (0 * inf = NaN): rows that must not contribute are to be zeroed in x first."""
     rows = x.shape[0]
     with warnings.catch_warnings():  # CSR is "beta" in torch; this use (CSR @ dense) is long stable
         warnings.simplefilter("ignore", UserWarning)
@@ -124,7 +133,8 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor, scores: Tensor, threshold: Tenso
     if merge:
         acc = accumulate_dtype(x.dtype)
         w, _ = _merge_weights(scores, ~keep, seg, batch, acc)
-        merged = segment_matmul(w, x.to(acc), cu_seqlens)
+        # Kept rows are selected away (a zero weight times a kept inf would be NaN).
+        merged = segment_matmul(w, torch.where(keep[:, None], 0, x.to(acc)), cu_seqlens)
         merged_rows = cu_new.long()[1:][has_merged] - 1
         y[merged_rows] = merged[has_merged].to(x.dtype)
     return y, cu_new, kept_index
