@@ -5,6 +5,11 @@ layer stack's `forward` is replaced on the instance (the class is untouched) and
 which tokens exist (the text attention mask) and which must survive (CLIP's EOT). The alignment tokens live in a
 child module `model.madtp`, so they train, move and save with the model. `remove` deletes all of it.
 
+Threads: one applied model may be called from several threads at once (a server). What a forward passes from a
+hook to the encoder it wraps, what it leaves behind (`records`, read by `pruning_report` and `alignment_loss`) and
+the `recording` mode are kept per thread (like torch's grad mode), never shared between calls; configuration
+(`set_temperature`, `set_execution`) is shared, read once per tower per forward.
+
 A tower's output is a plain padded tensor to the model's own code (BLIP builds `image_atts` of ones from its
 shape), so the layout of each tower output is recorded here, keyed by the tensor itself (weakly: nothing is kept
 alive): a later tower (BLIP's text layers) or a family's module patch (BLIP's decoder cross-attention) that is
@@ -17,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +52,18 @@ class Tower:
     layer_names: list[str]
 
 
+class _PerThread(threading.local):
+    """One thread's forwards of one applied model: created empty in each thread on first use."""
+
+    def __init__(self):
+        self.inputs: dict[int, TowerInputs] = {}      # encoder -> its tower's inputs, from the tower's pre-hook
+        self.pending: dict[int, OutputLayout] = {}    # encoder -> layout, until its tower's output is known
+        self.records: dict[str, executor.BranchRecord] = {}   # branch -> this thread's last forward's record
+        self.recording = False
+
+
 class MADTPState(nn.Module):
-    """The alignment tokens (parameters) and what the last forward recorded (plain attributes)."""
+    """The alignment tokens (parameters), the configuration, and per thread what its last forward recorded."""
 
     def __init__(self, config: MADTPConfig, towers: list[Tower]):
         super().__init__()
@@ -58,15 +74,23 @@ class MADTPState(nn.Module):
         self.temperature = {"vision": default if config.prune_vision else None,
                             "text": default if config.prune_text else None}
         self.execution = config.execution
-        self.recording = False   # record training work (pooled features, summaries) without autograd
         self.record_outputs = False   # something reads the tower outputs' layouts (BLIP's cross-attention)
-        self.records: dict[str, executor.BranchRecord] = {}
-        self._inputs: dict[int, TowerInputs] = {}
-        self._pending: dict[int, OutputLayout] = {}   # encoder -> layout, until its tower's output is known
-        self._outputs = WeakIdKeyDictionary()          # tower output tensor -> OutputLayout
+        self._threads = _PerThread()
+        # tower output tensor -> OutputLayout: keyed by the tensor a call made, so calls never see each other's
+        self._outputs = WeakIdKeyDictionary()
         self._hooks: list[tuple[nn.Module, int]] = []   # (module, hook id) installed by apply
         self._forwards: list[nn.Module] = []             # encoders whose forward apply replaced
         self._towers = towers
+
+    @property
+    def records(self) -> dict[str, executor.BranchRecord]:
+        """branch -> what the calling thread's last forward of that branch recorded."""
+        return self._threads.records
+
+    @property
+    def recording(self) -> bool:
+        """Whether the calling thread is inside `madtp.recording(model)`."""
+        return self._threads.recording
 
     def output_layout(self, tensor) -> OutputLayout | None:
         """The layout recorded for a tower output of the last forwards (None for any other tensor)."""
@@ -74,6 +98,16 @@ class MADTPState(nn.Module):
 
     def extra_repr(self) -> str:
         return f"config={self.config}, temperature={self.temperature}"
+
+    # A thread-local cannot be copied or pickled: a copy (copy.deepcopy, torch.save) starts with no forwards.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_threads"]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._threads = _PerThread()
 
 
 def _width(tower: Tower) -> int:
@@ -130,6 +164,7 @@ def apply(model: nn.Module, config: MADTPConfig | None = None) -> nn.Module:
     towers = find_towers(model)
     if not towers:
         raise ValueError(f"model: no encoder towers found in {type(model).__name__}")
+    _check_prune_layers(config, model, towers)
     param = next(model.parameters())
     state = MADTPState(config, towers).to(device=param.device, dtype=param.dtype)
     for tower in towers:
@@ -146,16 +181,30 @@ def apply(model: nn.Module, config: MADTPConfig | None = None) -> nn.Module:
     return model
 
 
+def _check_prune_layers(config: MADTPConfig, model: nn.Module, towers: list[Tower]) -> None:
+    """A layer index no tower has would prune nothing, silently. One index set serves every tower, so an index
+    that only the deeper tower has is fine (CLIP's vision tower is often deeper than its text tower)."""
+    if config.prune_layers is None:
+        return
+    depth = max(len(t.layers) for t in towers)
+    bad = [i for i in config.prune_layers if i >= depth]
+    if bad:
+        depths = ", ".join(f"{t.name or t.spec.branch}: {len(t.layers)}" for t in towers)
+        raise ValueError(f"prune_layers: expected 0-based layer indices below {depth} ({type(model).__name__} "
+                         f"has {depth} layers in its deepest tower; {depths}), got {config.prune_layers}; "
+                         f"out of range: {tuple(bad)}")
+
+
 # Everything installed on the model is a functools.partial over (state, tower): copy.deepcopy of an applied
 # model copies those arguments with the model (one memo), so the copy's forwards and hooks are its own.
 
 def _read_inputs(state: MADTPState, tower: Tower, module, args, kwargs):
     bound = _signature(tower.module).bind_partial(*args, **kwargs).arguments
-    state._inputs[id(tower.encoder)] = tower.spec.inputs(module, bound)
+    state._threads.inputs[id(tower.encoder)] = tower.spec.inputs(module, bound)
 
 
 def _record_output(state: MADTPState, tower: Tower, module, args, output):
-    layout = state._pending.pop(id(tower.encoder), None)
+    layout = state._threads.pending.pop(id(tower.encoder), None)
     if not state.record_outputs:   # nothing would read it (CLIP): no weak-dict traffic, nothing for compile
         return
     hidden = output[0] if isinstance(output, (tuple, ModelOutput)) else None
@@ -197,7 +246,8 @@ def _unhook(module: nn.Module, hook_id: int) -> None:
 
 def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
     spec = tower.spec
-    inputs = state._inputs.pop(id(tower.encoder), None) or TowerInputs()
+    calls = state._threads   # this thread's: another thread's forward of this model never sees it
+    inputs = calls.inputs.pop(id(tower.encoder), None) or TowerInputs()
     batch, n = hidden.shape[:2]
     memory = None
     if inputs.memory is not None:
@@ -207,14 +257,14 @@ def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
                                              if state.config.prune_layers is not None else None),
                                merge=state.config.merge_pruned, alignment=state.alignment,
                                layer_names=tower.layer_names, causal=spec.causal,
-                               training=state.recording or torch.is_grad_enabled())
+                               training=calls.recording or torch.is_grad_enabled())
     valid = inputs.valid.to(hidden.device).bool() if inputs.valid is not None else None
     rows, layout, record = executor.run_layers(tower.layers, spec.layer_fn, hidden, valid, inputs.protected, plan,
                                                state.execution, memory)
-    state.records[spec.branch] = record
+    calls.records[spec.branch] = record
     device = hidden.device
     if spec.output == "compact":
-        state._pending[id(tower.encoder)] = OutputLayout(layout.valid_mask())
+        calls.pending[id(tower.encoder)] = OutputLayout(layout.valid_mask())
         return unpack(rows, layout.ragged)
     # Rows back at their input positions; merged rows (position -1) land in a column past the end, cut off.
     positions = layout.positions()
@@ -223,7 +273,7 @@ def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
     out = rows.new_zeros(batch, n + 1, rows.shape[-1]).index_put((sample, positions), rows)[:, :n]
     valid = torch.zeros(batch, n + 1, dtype=torch.bool, device=device).index_put(
         (sample, positions), torch.ones((), dtype=torch.bool, device=device))[:, :n]
-    state._pending[id(tower.encoder)] = OutputLayout(valid)
+    calls.pending[id(tower.encoder)] = OutputLayout(valid)
     return out
 
 
@@ -272,13 +322,14 @@ def set_temperature(model: nn.Module, *, vision: float | None = ..., text: float
 def recording(model: nn.Module):
     """Forwards in this context record what the losses read (the pooled alignment features for
     `alignment_loss`, the per-layer summaries for distillation) even without autograd. A forward with autograd
-    on records them anyway; one without (inference) skips that work."""
-    state = _state(model)
-    before, state.recording = state.recording, True
+    on records them anyway; one without (inference) skips that work. Like torch.no_grad, it holds in the thread
+    that enters it."""
+    calls = _state(model)._threads
+    before, calls.recording = calls.recording, True
     try:
         yield model
     finally:
-        state.recording = before
+        calls.recording = before
 
 
 def set_execution(model: nn.Module, execution: str) -> None:
@@ -290,7 +341,8 @@ def set_execution(model: nn.Module, execution: str) -> None:
 
 
 def pruning_report(model: nn.Module) -> dict[str, Tensor]:
-    """After a forward: layer name -> rows per sample (kept + merged) after that layer's pruning, int [B]."""
+    """After a forward: layer name -> rows per sample (kept + merged) after that layer's pruning, int [B]
+    (of the calling thread's last forward)."""
     state = _state(model)
     report = {}
     for record in state.records.values():   # host ints the layouts carried: no device read here
@@ -299,14 +351,15 @@ def pruning_report(model: nn.Module) -> dict[str, Tensor]:
 
 
 def alignment_loss(model: nn.Module) -> Tensor:
-    """MAG's loss for the last forward that ran both branches: 1 - cos(image, text pooled features)."""
-    state = _state(model)
-    missing = [b for b in ("vision", "text") if b not in state.records or state.records[b].pooled is None]
+    """MAG's loss for the calling thread's last forward that ran both branches: 1 - cos(image, text pooled
+    features)."""
+    records = _state(model).records
+    missing = [b for b in ("vision", "text") if b not in records or records[b].pooled is None]
     if missing:
         raise ValueError(f"model: the last forward did not record the {' and '.join(missing)} branch; "
                          "alignment_loss needs a forward over image-text pairs with autograd on or inside "
                          "madtp.recording(model)")
-    return _alignment_loss(state.records["vision"].pooled, state.records["text"].pooled)
+    return _alignment_loss(records["vision"].pooled, records["text"].pooled)
 
 
 def config_of(model: nn.Module) -> MADTPConfig:
