@@ -61,6 +61,13 @@ def _cuda_extension():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as e:
         raise SkipCuda(f"torch is not importable ({e}); install with `pip install --no-build-isolation .`") from e
+    # torch adds --expt-relaxed-constexpr to every nvcc call; the kernels do not need it (their constexpr tile
+    # math is __host__ __device__), and without it a host-only constexpr called from device code is an error
+    # here instead of a silent host call. torch's own headers then warn (BFloat16.h), harmlessly: no kernel
+    # here calls them on the device.
+    from torch.utils import cpp_extension
+    if "--expt-relaxed-constexpr" in cpp_extension.COMMON_NVCC_FLAGS:
+        cpp_extension.COMMON_NVCC_FLAGS.remove("--expt-relaxed-constexpr")
     if torch.version.cuda is None:
         raise SkipCuda(f"torch {torch.__version__} is not a CUDA build")
     if CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
@@ -82,6 +89,12 @@ def _cuda_extension():
     )
 
     csrc = "csrc"
+    # SASS for the archs tuned for, plus PTX of the newest so that the driver JIT-compiles it on GPUs newer than
+    # sm_90 (sm_100, sm_120: without it the first launch fails with "no kernel image"). compute_90, not 90a:
+    # arch-specific PTX would load only on sm_90. The list is embedded in _C (ops.cpp's cuda_archs) for the
+    # dispatcher.
+    gencode = [("compute_80", "sm_80"), ("compute_90a", "sm_90a"), ("compute_90", "compute_90")]
+    archs = ",".join(code for _, code in gencode)  # no spaces or quotes: the flag goes through ninja and a shell
     ext = CUDAExtension(
         name="madtp_kernels._C",
         sources=[os.path.join(csrc, f) for f in ("module.cpp", "ops.cpp", "cusparselt.cpp", "sparse_gemm.cpp",
@@ -91,13 +104,13 @@ def _cuda_extension():
             # cusparse.h (needed by cusparseLt.h and ATen's CUDAContext.h) via -isystem: searched after every
             # -I, so the toolkit's own headers keep priority over the wheel's copies of them.
             # No -std: torch's BuildExtension adds the one its headers need (C++20 for torch 2.14).
-            "cxx": ["-O3", "-isystem", cusparse_inc],
+            # MADTP_CUDA_ARCHS: for ops.cpp (C++ only; nvcc would split the commas of a -D into several macros).
+            "cxx": ["-O3", "-isystem", cusparse_inc, f"-DMADTP_CUDA_ARCHS={archs}"],
             # No --use_fast_math: it flushes denormals, which would change the keep comparison and the
             # exact-zero weight-sum test against the torch/Triton backends.
             "nvcc": [
                 "-O3", "-Xptxas=-v", "--threads=2", "-isystem", cusparse_inc,
-                "-gencode", "arch=compute_80,code=sm_80",
-                "-gencode", "arch=compute_90a,code=sm_90a",
+                *(flag for arch, code in gencode for flag in ("-gencode", f"arch={arch},code={code}")),
             ],
         },
         library_dirs=[lt_lib],

@@ -2,7 +2,22 @@
 // fake (meta) impls and autograd, and its torch/Triton twins use the same schema strings.
 #include <torch/library.h>
 
+#include <string>
+
 #include "ops.h"
+
+// The -gencode targets the build embedded, comma-separated (setup.py / CMake define it: bare tokens, stringized
+// here, since a quoted string does not survive ninja and the shell), so the dispatcher picks this backend only on
+// GPUs it holds code for. "sm_XY": SASS, "compute_XY": PTX the driver compiles for newer GPUs.
+#ifndef MADTP_CUDA_ARCHS
+#error "define MADTP_CUDA_ARCHS as the -gencode targets of this build, e.g. -DMADTP_CUDA_ARCHS=sm_80,compute_90"
+#endif
+#define MADTP_STRINGIZE_ARGS(...) #__VA_ARGS__
+#define MADTP_STRINGIZE(...) MADTP_STRINGIZE_ARGS(__VA_ARGS__)
+
+namespace {
+std::string cuda_archs() { return MADTP_STRINGIZE(MADTP_CUDA_ARCHS); }
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(madtp_kernels, m) {
   m.def("pack_cuda(Tensor x, Tensor mask) -> (Tensor, Tensor)");
@@ -15,6 +30,8 @@ TORCH_LIBRARY_FRAGMENT(madtp_kernels, m) {
   m.def("varlen_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? q_index, Tensor? kv_index, "
         "bool return_stats) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_archs() -> str");
+  m.impl("cuda_archs", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(cuda_archs));
   m.def("cusparselt_version() -> int");
   // No tensor arguments, so the dispatcher has no key to pick: CompositeExplicitAutograd serves every call.
   m.impl("cusparselt_version", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(madtp::cusparselt_version));

@@ -52,7 +52,7 @@ def cuda_archs() -> tuple[str, ...]:
     if not _cuda_extension_built():
         return ()
     op = getattr(torch.ops.madtp_kernels, "cuda_archs", None)
-    return tuple(op().split()) if op is not None else _LEGACY_CUDA_ARCHS
+    return tuple(a.strip() for a in op().split(",")) if op is not None else _LEGACY_CUDA_ARCHS
 
 
 def arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:

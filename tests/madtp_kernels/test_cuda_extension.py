@@ -47,3 +47,11 @@ def test_cuda_op_refuses_cpu_tensors():
 def test_cusparselt_is_linked():
     version = torch.ops.madtp_kernels.cusparselt_version()
     assert version >= 800  # CUSPARSELT_VERSION: MAJOR*1000 + MINOR*100 + PATCH; the wheel torch pins is 0.8.x
+
+
+@needs_extension
+def test_extension_names_the_archs_it_was_built_for():
+    if not hasattr(torch.ops.madtp_kernels, "cuda_archs"):
+        pytest.skip("madtp_kernels._C predates cuda_archs (rebuild it)")
+    assert torch.ops.madtp_kernels.cuda_archs() == "sm_80,sm_90a,compute_90"
+    assert _dispatch.cuda_archs() == ("sm_80", "sm_90a", "compute_90")

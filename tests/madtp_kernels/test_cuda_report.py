@@ -23,3 +23,11 @@ def test_every_kernel_built_for_sm80_and_sm90a_without_spills():
 def test_cli_exits_zero(capsys):
     assert cuda_report.main(["--require"]) == 0
     assert "0 spilling" in capsys.readouterr().out
+
+
+def test_binary_holds_the_archs_it_declares():
+    # The dispatcher trusts cuda_archs (or, from an older build, sm_80 + sm_90a): the fatbin must agree with it,
+    # PTX included, or cuda would be picked on a GPU that gets "no kernel image".
+    import madtp_kernels._C as extension
+
+    assert cuda_report.held_archs(extension.__file__) == sorted(_dispatch.cuda_archs())

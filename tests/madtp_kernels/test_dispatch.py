@@ -205,3 +205,29 @@ def test_cuda_is_picked_only_where_its_binary_holds_code(monkeypatch, archs, cap
     assert (reason is None) is picked
     if not picked:
         assert f"holds no code for compute capability {capability}" in reason and str(list(archs)) in reason
+
+
+def _build_archs():
+    import ast
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).parents[2]
+    setup = ast.parse((root / "setup.py").read_text())
+    gencode = next(ast.literal_eval(node.value) for node in ast.walk(setup) if isinstance(node, ast.Assign)
+                   and getattr(node.targets[0], "id", None) == "gencode")
+    cmake = re.search(r'set\(MADTP_CUDA_ARCHS "([^"]+)"\)', (root / "CMakeLists.txt").read_text()).group(1)
+    return gencode, cmake.split(",")
+
+
+def test_setup_and_cmake_embed_ptx_of_the_newest_arch():
+    gencode, cmake = _build_archs()
+    codes = [code for _, code in gencode]
+    assert codes == cmake
+    sass = [c for c in codes if c.startswith("sm_")]
+    ptx = [c for c in codes if c.startswith("compute_")]
+    assert ptx and not any(p.endswith("a") for p in ptx), "arch-specific PTX loads only on its own GPU"
+    newest = max(int(s[3:].rstrip("a")) for s in sass)
+    assert max(int(p[8:]) for p in ptx) == newest
+    for capability in ((8, 0), (8, 6), (9, 0), (10, 0), (12, 0)):  # every GPU from sm_80 on gets code
+        assert any(_dispatch.arch_runs_on(c, capability) for c in codes), capability

@@ -38,9 +38,11 @@ constexpr int kBlockM = kTileRows;  // query rows per forward tile and per stati
 constexpr int kBlockN = kTileRows;  // keys per forward step and per statistics tile
 
 // Shared-memory row stride in elements: 16 bytes of padding shift consecutive rows by 4 banks, so the 8 row
-// addresses of every ldmatrix phase hit 8 disjoint bank quadruples (no swizzle needed).
+// addresses of every ldmatrix phase hit 8 disjoint bank quadruples (no swizzle needed). __host__ __device__:
+// device code calls it outside constant expressions, which a host-only constexpr allows only under
+// --expt-relaxed-constexpr (not used by this build).
 template <int D>
-constexpr int smem_stride() { return D + 8; }
+__host__ __device__ constexpr int smem_stride() { return D + 8; }
 
 struct Params {
   const void* q;  // [Pq, H, D] physical rows
@@ -215,7 +217,7 @@ __global__ void __launch_bounds__(kTileThreads) build_tiles_kernel(const TileLis
 // ---- forward ----------------------------------------------------------------------------------------------
 
 template <typename T, int D>
-constexpr int fwd_smem_bytes() { return (kBlockM + 2 * kBlockN) * smem_stride<D>() * static_cast<int>(sizeof(T)); }
+__host__ __device__ constexpr int fwd_smem_bytes() { return (kBlockM + 2 * kBlockN) * smem_stride<D>() * static_cast<int>(sizeof(T)); }
 
 // No minimum-blocks hint: a thread holds D/2 O, D/4 Q and 32 S fp32/packed registers (~215 in all for
 // D = 128), which still fits 2 CTAs per SM (3 for D = 64); a tighter cap would trade that for spills.
@@ -385,7 +387,7 @@ __global__ void __launch_bounds__(kThreads) varlen_attention_fwd_kernel(const Pa
 // ---- statistics -------------------------------------------------------------------------------------------
 
 template <typename T, int D>
-constexpr int stats_smem_bytes() {
+__host__ __device__ constexpr int stats_smem_bytes() {
   return (kBlockN + 2 * kBlockM) * smem_stride<D>() * static_cast<int>(sizeof(T)) + 2 * kBlockM * 4;
 }
 
