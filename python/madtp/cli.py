@@ -238,7 +238,11 @@ def load_model_dir(directory: str | os.PathLike, option: str = "--model") -> Loa
 
         from .tasks import hf_tokenize
 
-        hf_tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        try:
+            hf_tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{directory / 'tokenizer_config.json'}: the tokenizer files cannot be read "
+                             f"({' '.join(str(e).split())[:300]})") from None
         length = getattr(_text_config(model), "max_position_embeddings", None)
         return Loaded(model, hf_tokenize(hf_tok, max_length=length), directory)
     tokenizer = None
@@ -314,14 +318,21 @@ def _generate(args, model) -> None:
 
 def _save_tokenizer(loaded: Loaded, model_dir: Path) -> None:
     """The tokenizer beside the compressed model, so `madtp eval` reads text as training did."""
+    from .serialization import add_files
+
+    written = []
     if loaded.source is not None:
         for name in TOKENIZER_FILES:
             if (loaded.source / name).is_file():
-                shutil.copy2(loaded.source / name, model_dir / name)
+                shutil.copyfile(loaded.source / name, model_dir / name)   # the umask's modes, not the source's
+                written.append(name)
     elif loaded.shapes_tokenizer is not None:
         from .data import tokenizer as tok
 
         tok.save_tokenizer(model_dir / "tokenizer.json", loaded.shapes_tokenizer)
+        written.append("tokenizer.json")
+    if written:
+        add_files(model_dir, written)   # in the manifest, so `load` checks them too
 
 
 # ------------------------------------------------------------------ option help
@@ -525,7 +536,7 @@ def _configs(args):
         beta_v=args.beta_v, beta_t=args.beta_t, gamma=args.gamma, kd_temperature=args.kd_temperature,
         srste_decay=args.srste_decay, controller_kp=args.controller_kp, controller_ki=args.controller_ki,
         settle_steps=args.settle_steps, latency_repeats=args.latency_repeats)
-    values = vars(args) | {"output_dir": output, "max_steps": args.max_steps or 1}
+    values = vars(args) | {"output_dir": output, "max_steps": 1 if args.max_steps is None else args.max_steps}
     train = TrainConfig.from_args(argparse.Namespace(**values))   # checked now, before anything loads
     return config, train
 
@@ -558,7 +569,7 @@ def run_compress(args) -> int:
     if per_epoch < 1:
         raise ValueError(f"--micro-batch-size: {train_file} has {len(train_set)} samples, fewer than one global batch "
                          f"of {global_batch} (micro-batch size x accumulation x world size)")
-    max_steps = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * per_epoch))
+    max_steps = args.max_steps if args.max_steps is not None else max(1, math.ceil((args.epochs or 1.0) * per_epoch))
     train = dataclasses.replace(train, max_steps=max_steps)
     config = dataclasses.replace(config, train=train)
     result = compress(model, spec.make(), train_set, eval_set, config, collate, train.output_dir,
@@ -829,7 +840,12 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 def _message(error: BaseException, parser: argparse.ArgumentParser | None) -> str:
     """One line; a leading `field:` and underscored field names become the options that set them."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = str(error)
+    # An error re-raised by a DataLoader worker carries the worker's traceback; its last line is the message.
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    text = " ".join(text.split()) or type(error).__name__
     if parser is None:
         return text
     flags = _flags(parser)
@@ -854,6 +870,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(command.run(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG} {command.name}: error: {_message(e, args._parser)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        if e.filename is None:   # not about a file the user named: a bug or the system, shown as a traceback
+            raise
+        print(f"{PROG} {command.name}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG} {command.name}: interrupted", file=sys.stderr)

@@ -1,15 +1,39 @@
-"""MADTPConfig: what to prune and how the pruned model executes."""
+"""MADTPConfig: what to prune and how the pruned model executes.
+
+Every setting is checked here, once, for the API, madtp.json loading (madtp.serialization) and the command line:
+a wrong type is a TypeError, a wrong value a ValueError, each naming the field, what it expects and what it got.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 EXECUTIONS = ("ragged", "padded")
+
+__all__ = ["MADTPConfig", "EXECUTIONS", "check_temperature"]
+
+
+def check_temperature(name: str, value) -> float | None:
+    """None (no pruning) or a finite number > 0, as a float. A bool is not a number here (True would prune at 1.0),
+    and 0 is refused rather than read as "off": None says that."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected None or a number > 0, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected None (no pruning) or a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
 
 
 @dataclass(frozen=True)
 class MADTPConfig:
     num_alignment_tokens: int = 100
-    temperature: float | None = None   # None or 0 disables token pruning
+    temperature: float | None = None   # None disables token pruning; else a finite float > 0
     prune_vision: bool = True
     prune_text: bool = True
     merge_pruned: bool = True
@@ -17,21 +41,35 @@ class MADTPConfig:
     prune_layers: tuple[int, ...] | None = None   # encoder layers (0-based) that prune; None: every layer
 
     def __post_init__(self):
-        if isinstance(self.num_alignment_tokens, bool) or not isinstance(self.num_alignment_tokens, int) \
-                or self.num_alignment_tokens < 1:
-            raise ValueError(f"num_alignment_tokens: expected an int >= 1, got {self.num_alignment_tokens!r}")
-        if self.temperature is not None and not (isinstance(self.temperature, (int, float))
-                                                 and self.temperature >= 0):
-            raise ValueError(f"temperature: expected None or a float >= 0, got {self.temperature!r}")
-        if self.prune_layers is not None:
-            if isinstance(self.prune_layers, (str, bytes)) or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.prune_layers):
-                raise ValueError(f"prune_layers: expected None or a sequence of layer indices >= 0, got "
-                                 f"{self.prune_layers!r}")
-            object.__setattr__(self, "prune_layers", tuple(sorted(set(self.prune_layers))))
+        n = self.num_alignment_tokens
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"num_alignment_tokens: expected an int >= 1, got {type(n).__name__} {n!r}")
+        if n < 1:
+            raise ValueError(f"num_alignment_tokens: expected an int >= 1, got {n!r}")
+        object.__setattr__(self, "temperature", check_temperature("temperature", self.temperature))
+        for name in ("prune_vision", "prune_text", "merge_pruned"):
+            _check_bool(name, getattr(self, name))
+        if not isinstance(self.execution, str):
+            raise TypeError(f"execution: expected one of {EXECUTIONS}, got {type(self.execution).__name__} "
+                            f"{self.execution!r}")
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution: expected one of {EXECUTIONS}, got {self.execution!r}")
+        if self.prune_layers is not None:
+            layers = self.prune_layers
+            if not isinstance(layers, (tuple, list, range)):
+                raise TypeError(f"prune_layers: expected None or a sequence of layer indices >= 0, got "
+                                f"{type(layers).__name__} {layers!r}")
+            if len(layers) == 0:
+                raise ValueError("prune_layers: expected None (every layer) or at least one layer index, got an "
+                                 "empty sequence (temperature=None turns pruning off)")
+            for i in layers:
+                if isinstance(i, bool) or not isinstance(i, int):
+                    raise TypeError(f"prune_layers: expected layer indices (ints >= 0), got {type(i).__name__} "
+                                    f"{i!r} in {layers!r}")
+                if i < 0:
+                    raise ValueError(f"prune_layers: expected layer indices >= 0, got {i} in {layers!r}")
+            object.__setattr__(self, "prune_layers", tuple(sorted(set(layers))))
 
     @property
     def prunes_tokens(self) -> bool:
-        return bool(self.temperature) and (self.prune_vision or self.prune_text)
+        return self.temperature is not None and (self.prune_vision or self.prune_text)

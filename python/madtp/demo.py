@@ -89,11 +89,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import math
+
     for t in args.targets:
         if not 0 < t < 1:
             raise ValueError(f"--targets: each reduction must be in (0, 1), got {t}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps: expected >= 1, got {args.steps}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr: expected a finite number > 0, got {args.lr}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
+    if args.model is not None and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model: {args.model} is not a directory (expected a shapes CLIP checkpoint: "
+                                "config.json + model.safetensors)")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output: {out} exists and is not a directory")
     run(args.output, targets=args.targets, quick=args.quick, model_dir=args.model, steps=args.steps, lr=args.lr,
         threads=args.threads)
     return 0

@@ -9,6 +9,7 @@ so a flipped byte in the manifest itself (a temperature, a layer name) is caught
     seal(doc) -> doc                     a copy with "manifest_sha256" set
     check_seal(doc, path)                raises IntegrityError when the manifest was altered
     verify_files(directory, files, manifest)   raises IntegrityError naming the first bad file
+    umask() -> int,  share_modes(directory, names)   the modes an ordinary file and folder get
     IntegrityError (a ValueError)
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 SEAL_KEY = "manifest_sha256"
 _CHUNK = 1 << 20
 
-__all__ = ["IntegrityError", "sha256_file", "file_entry", "seal", "check_seal", "verify_files", "SEAL_KEY"]
+__all__ = ["IntegrityError", "sha256_file", "file_entry", "seal", "check_seal", "verify_files", "SEAL_KEY",
+           "umask", "share_modes"]
 
 
 class IntegrityError(ValueError):
@@ -97,3 +99,25 @@ def verify_files(directory: str | os.PathLike, files: Mapping, manifest: str | o
         if actual != expected:
             raise IntegrityError(path, f"corrupted: SHA-256 {actual[:16]}... does not match {expected[:16]}... "
                                        f"recorded in {Path(manifest).name}")
+
+
+def umask() -> int:
+    """The process umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def share_modes(directory: str | os.PathLike, names) -> None:
+    """mkdtemp and safetensors create owner-only entries (0700 / 0600); give ``directory`` and its files ``names``
+    the modes ordinary ones get under the umask, as `save_pretrained` leaves them."""
+    mask = umask()
+    directory = Path(directory)
+    for name in names:
+        os.chmod(directory / name, 0o666 & ~mask)
+    os.chmod(directory, 0o777 & ~mask)

@@ -52,9 +52,18 @@ def save_clip(model, directory: str | os.PathLike, dtype: torch.dtype | None = N
     return directory
 
 
+def _config_errors() -> tuple[type[Exception], ...]:
+    try:   # transformers 5 validates config fields through huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:   # pragma: no cover - older huggingface_hub
+        return ()
+    return (StrictDataclassError,)
+
+
 def load_clip(directory: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """A ``CLIPModel`` from ``config.json`` + ``model.safetensors`` (strict: every weight present, none extra),
     in ``dtype`` and eval mode."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import CLIPConfig, CLIPModel
 
@@ -62,11 +71,25 @@ def load_clip(directory: str | os.PathLike, dtype: torch.dtype = torch.float32):
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"path: {directory} holds no {name} (expected a shapes CLIP checkpoint)")
-    config = CLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-    model = CLIPModel(config)
-    state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
+    try:
+        doc = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError(f"expected a JSON object, got a JSON {type(doc).__name__}")
+        config = CLIPConfig.from_dict(doc)
+        model = CLIPModel(config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, *_config_errors()) as e:
+        raise ValueError(f"{directory / CONFIG_FILE}: not a CLIP config ({' '.join(str(e).split())[:300]})") \
+            from None
+    try:
+        state = load_file(str(directory / WEIGHTS_FILE), device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # mis-shaped tensors
+        raise ValueError(f"{directory / WEIGHTS_FILE}: does not match {CONFIG_FILE} "
+                         f"({' '.join(str(e).split())[:300]})") from None
     missing = [k for k in missing if k in dict(model.named_parameters()) or k in model.state_dict()]
     if missing or unexpected:
         raise ValueError(f"path: {directory / WEIGHTS_FILE} does not match {CONFIG_FILE}: missing {missing}, "

@@ -60,3 +60,97 @@ def test_task_heads_round_trip(clip, tmp_path):
     model.matching_head.bias.data.fill_(0.25)
     loaded = serialization.load(serialization.save(model, tmp_path / "m"))
     assert float(loaded.matching_head.bias) == 0.25
+
+
+# ------------------------------------------------------------------ integrity and modes
+
+def _sha256(path):
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def export(clip, tmp_path_factory):
+    model = madtp.apply(copy.deepcopy(clip), madtp.MADTPConfig(num_alignment_tokens=4, temperature=1.0))
+    madtp.sparsify(model)
+    out = serialization.save(model, tmp_path_factory.mktemp("export") / "model")
+    (out / "tokenizer.json").write_text('{"version": "1.0"}')
+    serialization.add_files(out, ["tokenizer.json"])
+    return out
+
+
+def test_manifest_records_a_hash_per_file(export):
+    from madtp.integrity import SEAL_KEY, seal
+
+    meta = json.loads((export / "madtp.json").read_text())
+    assert meta["format"] == serialization.FORMAT
+    assert meta["files"] == {name: {"size": (export / name).stat().st_size, "sha256": _sha256(export / name)}
+                             for name in ("config.json", "model.safetensors", "tokenizer.json")}
+    assert meta[SEAL_KEY] == seal(meta)[SEAL_KEY]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "madtp.json"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_load_names_the_damaged_file(export, tmp_path, name, damage):
+    import shutil
+
+    from madtp.integrity import IntegrityError
+
+    d = shutil.copytree(export, tmp_path / "m")
+    f = d / name
+    if damage == "delete":
+        f.unlink()
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[:-3])
+    elif name == "madtp.json":   # a value flipped: still valid JSON
+        f.write_text(f.read_text().replace('"vision": 1.0', '"vision": 1.5', 1))
+    elif name == "config.json":  # a digit of a size: still valid JSON and a valid config
+        f.write_text(f.read_text().replace('"projection_dim": 32', '"projection_dim": 33', 1))
+    else:                        # one bit of the last tensor (or the tokenizer's last byte)
+        data = bytearray(f.read_bytes())
+        data[-2] ^= 0x01
+        f.write_bytes(bytes(data))
+    assert damage == "delete" or f.read_bytes() != (export / name).read_bytes()
+    if name == "madtp.json" and damage != "flip":
+        # a manifest gone is a plain Hugging Face directory (whose weights then do not fit a dense CLIP);
+        # a truncated one is no longer JSON
+        with pytest.raises(ValueError, match=r"model\.safetensors: does not match|madtp\.json: malformed JSON"):
+            serialization.load(d)
+        return
+    with pytest.raises(IntegrityError, match=rf"/m/{name.replace('.', '[.]')}: "):
+        serialization.load(d)
+
+
+def test_old_exports_without_hashes_load_with_a_warning(export, tmp_path):
+    import shutil
+
+    from madtp.integrity import SEAL_KEY
+
+    d = shutil.copytree(export, tmp_path / "m")
+    meta = json.loads((d / "madtp.json").read_text())
+    del meta["files"], meta[SEAL_KEY]
+    meta["format"] = "madtp-compressed/1"
+    (d / "madtp.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="no file hashes"):
+        model = serialization.load(d)
+    assert model.madtp.temperature["vision"] == 1.0
+    with pytest.raises(ValueError, match="no file hashes to add"):
+        serialization.add_files(d, ["tokenizer.json"])
+    serialization.save(model, d)   # saving again adds them
+    assert "files" in json.loads((d / "madtp.json").read_text())
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_export_modes_follow_the_umask(clip, tmp_path, mask):
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        out = serialization.save(clip, tmp_path / "m")
+        serialization.add_files(out, [])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name

@@ -126,7 +126,9 @@ def _open(path: Path):
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:   # PIL refuses it before decoding: a hostile or broken file
+        raise ImageDecodeError(f"image {path}: refused, {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(f"image {path}: cannot decode ({type(e).__name__}: {e})") from e
 
 

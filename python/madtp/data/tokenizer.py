@@ -62,8 +62,15 @@ def save_tokenizer(path: str | os.PathLike, tokenizer: Tokenizer | None = None) 
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Reads tokenizer.json (path: the file or its directory); a file it cannot parse is a ValueError naming it."""
     path = Path(path)
-    return Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing (expected a tokenizers tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:   # the Rust library raises a bare Exception for every parse error
+        raise ValueError(f"{file}: not a tokenizer file the tokenizers library can read ({e})") from None
 
 
 def encode(texts: str | Sequence[str], max_length: int | None = CONTEXT_LENGTH,

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from ..integrity import IntegrityError, check_seal, file_entry, seal, verify_files
+from ..integrity import IntegrityError, check_seal, file_entry, seal, share_modes, umask, verify_files
 
 MODEL_FILE = "model.safetensors"
 STATE_TENSOR_FILE = "state.safetensors"
@@ -234,17 +234,6 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -281,7 +270,7 @@ def clean_stale(directory: str | os.PathLike) -> None:
 def _write_pointer(directory: Path, name: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{LATEST}-", dir=directory)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "w") as f:
             f.write(name + "\n")
             f.flush()
@@ -317,12 +306,9 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model: torch.nn.Mod
             json.dump(doc, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        # mkdtemp and safetensors create owner-only entries; give them the modes ordinary files get.
-        umask = _umask()
+        share_modes(tmp, (*files, STATE_JSON))
         for fname in (*files, STATE_JSON):
-            os.chmod(tmp / fname, 0o666 & ~umask)
             _fsync_path(tmp / fname)
-        os.chmod(tmp, 0o777 & ~umask)
         _fsync_path(tmp)
         final = directory / name
         if final.exists():

@@ -91,15 +91,17 @@ class TrainConfig:
             v = getattr(self, name)
             if v is None and allow_none:
                 return
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                raise ValueError(f"{name}: expected a number in [{lo}, {hi}]{' or None' if allow_none else ''}, "
-                                 f"got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and lo <= v <= hi):
+                raise ValueError(f"{name}: expected a finite number in [{lo}, {hi}]"
+                                 f"{' or None' if allow_none else ''}, got {v!r}")
 
         for name in ("max_steps", "micro_batch_size", "accumulation", "log_every", "keep_last"):
             need_int(name, 1)
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "num_workers", "seed"):
             need_int(name, 0)
         need_float("lr", 0.0)
+        if self.lr == 0:   # AdamW at lr 0 moves nothing: a run that silently trains nothing
+            raise ValueError(f"lr: expected a number > 0, got {self.lr!r}")
         need_float("weight_decay", 0.0)
         need_float("min_lr_ratio", 0.0, 1.0)
         need_float("grad_clip", 0.0, allow_none=True)
