@@ -6,8 +6,9 @@
 // compressed once against an M-free descriptor (the *2 helpers), and the output needs no transpose copy.
 //
 // Per-call descriptor and plan creation is what made PyTorch's op 0.41x of dense, so everything but the
-// matmul itself is cached: one handle per device, and per (device, dtype, M_padded, N, K, has_bias) the
-// matrix descriptors, the algorithm config and the plans.
+// matmul itself is cached: one handle per device, and per (device, dtype, M bucket, N, K, has_bias) the
+// matrix descriptors, the algorithm config and the plans. M is bucketed (token_bucket: at most 12.5% padded
+// rows), so ragged batches reuse plans, and the cache is an LRU of kMaxCachedShapes entries.
 #include <cusparseLt.h>
 
 #include <ATen/ATen.h>
@@ -36,6 +37,10 @@ constexpr uint32_t kAlignment = 16;
 // Plans bound to distinct bias pointers per cached shape (see Entry::plans); past this the shape's plans are
 // rebuilt from scratch rather than grown without bound (e.g. a bias re-cast to fp16 at a new address per call).
 constexpr size_t kMaxPlansPerShape = 64;
+// Cached problems (device, dtype, M bucket, N, K, has_bias), least recently used evicted past this: a model of
+// 4 linear shapes meets ~8 token buckets per octave of batch size, so 256 covers several models and batch sizes,
+// while a stream of new shapes cannot grow host memory (~256 x 64 plans of a few KB at most) without bound.
+constexpr size_t kMaxCachedShapes = 256;
 
 // The problem a status refers to, printed only when a check fails (TORCH_CHECK builds its message lazily).
 struct Shape {
@@ -131,7 +136,7 @@ struct Entry {
 // plan and descriptor destroy calls take no handle and are host-side frees; the handles are never destroyed.
 struct PlanCache {
   std::mutex mutex;
-  std::unordered_map<PlanKey, std::unique_ptr<Entry>, PlanKeyHash> entries;
+  LruCache<PlanKey, std::unique_ptr<Entry>, PlanKeyHash> entries{kMaxCachedShapes};
 };
 
 PlanCache& plan_cache() {
@@ -260,10 +265,12 @@ at::Tensor cusparselt_linear_cuda(const at::Tensor& x, const at::Tensor& compres
 
   const int64_t m = x.size(0);
   if (m == 0) return at::empty({0, out_features}, x.options());
-  const int64_t m_padded = padded_tokens(m, kElementBytes);
+  const int64_t m_padded = token_bucket(m, kElementBytes);
   const Shape shape{m_padded, out_features, in_features, x.scalar_type()};
 
-  // cuSPARSELt needs M_pad rows and a 16-byte aligned B: copy x (zero rows below M) only when it is not so.
+  // The plan is for M_pad rows (cuSPARSELt: a multiple of 8 rows and a 16-byte aligned B): copy x, with zero
+  // rows below M, unless it already is so. The bucket costs this copy of x for most token counts; the copy is
+  // one pass over x against the GEMM's N / 8 passes, and the plan build it avoids costs milliseconds.
   at::Tensor x_in = x;
   if (m_padded != m || !aligned(x)) {
     x_in = at::empty({m_padded, in_features}, x.options());
@@ -285,9 +292,8 @@ at::Tensor cusparselt_linear_cuda(const at::Tensor& x, const at::Tensor& compres
   // Held through the enqueue: a plan is only ever used, replaced or destroyed under the lock.
   PlanCache& cache = plan_cache();
   const std::lock_guard<std::mutex> lock(cache.mutex);
-  auto entry_it = cache.entries.find(key);
-  if (entry_it == cache.entries.end()) entry_it = cache.entries.emplace(key, make_entry(handle, shape)).first;
-  Entry& entry = *entry_it->second;
+  std::unique_ptr<Entry>* cached = cache.entries.find(key);
+  Entry& entry = cached != nullptr ? **cached : *cache.entries.insert(key, make_entry(handle, shape));
   TORCH_CHECK_VALUE(compressed.numel() == static_cast<int64_t>(entry.compressed_size), "compressed has ",
                     compressed.numel(), " bytes, but a compressed [", out_features, ", ", in_features, "] ",
                     x.scalar_type(), " weight has ", entry.compressed_size,

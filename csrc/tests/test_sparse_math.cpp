@@ -2,7 +2,11 @@
 // before any descriptor is built, and the plan-cache key (distinct problems must never share a plan).
 #include <cstdint>
 #include <cstdio>
+#include <memory>
+#include <set>
+#include <string>
 #include <unordered_set>
+#include <vector>
 
 #include "madtp/sparse_math.h"
 #include "check.h"
@@ -26,6 +30,53 @@ void test_padded_tokens() {
     const int64_t p = madtp::padded_tokens(m, 2);
     CHECK(p >= m && p - m < 8 && p % 8 == 0);  // smallest aligned count: never pads a whole extra group
   }
+}
+
+void test_token_bucket() {
+  // Up to 64 tokens the bucket is the padded count; past it, 8 buckets per octave (ViT-B/16's 197 tokens x 8
+  // images = 1576 -> 1664; ViT-L/14-336's 577 -> 640).
+  const int64_t cases[][2] = {{0, 0}, {1, 8}, {8, 8}, {9, 16}, {63, 64}, {64, 64}, {65, 72}, {127, 128},
+                              {128, 128}, {129, 144}, {577, 640}, {1000, 1024}, {1576, 1664}, {4097, 4608}};
+  for (const auto& c : cases) CHECK(madtp::token_bucket(c[0], 2) == c[1]);
+  std::set<int64_t> buckets;
+  int64_t previous = 0;
+  for (int64_t m = 1; m <= 1 << 16; ++m) {
+    const int64_t b = madtp::token_bucket(m, 2);
+    CHECK(b >= m && b % 8 == 0);                     // cuSPARSELt's dense multiple for 16-bit values
+    CHECK(8 * (b - m) <= m || b - m < 8);            // at most 12.5% padded rows (or under one dense group)
+    CHECK(b >= previous);                            // monotonic: a bucket is a range of token counts
+    CHECK(madtp::token_bucket(b, 2) == b);           // a bucket is its own bucket (padded input re-plans nothing)
+    previous = b;
+    buckets.insert(b);
+  }
+  // 8 for M <= 64, then 8 per octave up to 2^16: plans grow with log M, not M.
+  CHECK(buckets.size() == 8 + 8 * 10);
+}
+
+void test_lru_cache() {
+  madtp::LruCache<int, std::unique_ptr<std::string>> cache(3);
+  for (int k = 0; k < 3; ++k) cache.insert(k, std::make_unique<std::string>(std::to_string(k)));
+  CHECK(cache.size() == 3 && cache.capacity() == 3);
+  const std::string* zero = cache.find(0)->get();  // 0, inserted first, is now the most recent: 1 the least
+  cache.insert(3, std::make_unique<std::string>("3"));
+  CHECK(cache.size() == 3);
+  CHECK(cache.find(1) == nullptr);
+  CHECK(cache.find(0) != nullptr && cache.find(0)->get() == zero);  // values never move
+  std::vector<int> order;
+  for (const auto& item : cache) order.push_back(item.first);
+  CHECK((order == std::vector<int>{0, 3, 2}));
+  cache.insert(4, std::make_unique<std::string>("4"));  // evicts 2, the least recent
+  CHECK(cache.find(2) == nullptr && cache.size() == 3);
+  // Replacing a key keeps the size and makes it the most recent.
+  cache.insert(2, std::make_unique<std::string>("two"));
+  CHECK(cache.size() == 3 && *cache.find(2)->get() == "two");
+  CHECK(cache.begin()->first == 2);
+  // A sweep far past capacity stays bounded.
+  madtp::LruCache<PlanKey, int, PlanKeyHash> plans(256);
+  for (int64_t m = 8; m <= 1 << 16; m += 8) plans.insert(PlanKey{0, 5, m, 768, 3072, true}, 0);
+  CHECK(plans.size() == 256);
+  CHECK(plans.find(PlanKey{0, 5, 1 << 16, 768, 3072, true}) != nullptr);
+  CHECK(plans.find(PlanKey{0, 5, 8, 768, 3072, true}) == nullptr);
 }
 
 void test_weight_shape() {
@@ -78,6 +129,8 @@ void test_plan_key() {
 
 int main() {
   test_padded_tokens();
+  test_token_bucket();
+  test_lru_cache();
   test_weight_shape();
   test_plan_key();
   return madtp_test::report("test_sparse_math");

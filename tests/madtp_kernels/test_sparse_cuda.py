@@ -109,13 +109,29 @@ def test_plan_cache_reused():
     # M = 5 pads to the same 8 tokens as M = 7: same plan.
     _ops().cusparselt_linear(x[:5].contiguous(), compressed, n, k, bias)
     assert _ops().cusparselt_plan_cache_size() == size
-    # A new padded token count is a new problem, cached in turn.
+    # A new token bucket is a new problem, cached in turn.
     x16 = torch.randn(16, k, device="cuda", dtype=torch.float16)
     _ops().cusparselt_linear(x16, compressed, n, k, bias)
     grown = _ops().cusparselt_plan_cache_size()
     assert grown == size + 1
     _ops().cusparselt_linear(x16, compressed, n, k, bias)
     assert _ops().cusparselt_plan_cache_size() == grown
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ragged_token_counts_share_bucketed_plans(dtype):
+    # After pruning every batch has a new token count: 100 of them between 200 and 299 fall in 6 buckets
+    # (csrc/include/madtp/sparse_math.h token_bucket: 208, 224, 240, 256 then 288, 320), each planned once, and
+    # the padded rows change no result.
+    n, k = 64, 128
+    x, w, bias = _problem(299, n, k, dtype, with_bias=True, seed=3)
+    compressed = _ops().cusparselt_compress(w)
+    before = _ops().cusparselt_plan_cache_size()
+    for m in range(200, 300):
+        y = _ops().cusparselt_linear(x[:m], compressed, n, k, bias)
+        assert y.shape == (m, n)
+        _assert_close_to_oracle(y, x[:m], w, bias)
+    assert _ops().cusparselt_plan_cache_size() - before == 6
 
 
 def test_plans_of_one_shape_keep_their_own_bias():

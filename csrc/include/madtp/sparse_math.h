@@ -5,6 +5,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <iterator>
+#include <list>
+#include <unordered_map>
+#include <utility>
 
 namespace madtp {
 
@@ -22,6 +26,19 @@ constexpr int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple -
 // y [M, N] = x [M, K] W^T runs as D (N x M_pad) = A (N x K, 2:4) B (K x M_pad): the token count M is the
 // only dense-only dimension, padded to the dense multiple. N and K are dimensions of the structured A.
 constexpr int64_t padded_tokens(int64_t m, int64_t element_bytes) { return round_up(m, dense_multiple(element_bytes)); }
+
+// The token count a problem is planned for: M rounded up to a bucket, so that ragged batches (a new token count
+// per call after pruning) reuse a few plans instead of building one per count. Up to 64 tokens, the dense
+// multiple (8 for 16-bit); past that, a multiple of 2^(floor(log2 M) - 3): 8 buckets per octave, so at most
+// 12.5% padded rows (zeros, whose outputs are dropped) and O(log M) plans per weight shape.
+constexpr int64_t token_bucket(int64_t m, int64_t element_bytes) {
+  const int64_t dense = dense_multiple(element_bytes);
+  if (m <= 64) return round_up(m, dense);
+  int64_t octave = 64;  // largest power of two <= m
+  while (octave <= m / 2) octave *= 2;
+  const int64_t step = octave / 8 > dense ? octave / 8 : dense;
+  return round_up(m, step);
+}
 
 constexpr bool valid_weight_shape(int64_t out_features, int64_t in_features, int64_t element_bytes) {
   return out_features > 0 && in_features > 0 && out_features % structured_multiple(element_bytes) == 0 &&
@@ -57,6 +74,49 @@ struct PlanKeyHash {
     mix(std::hash<bool>{}(key.has_bias));
     return h;
   }
+};
+
+// A map that holds at most `capacity` values and evicts the least recently used (found or inserted) one. Not
+// thread-safe: the plan cache guards it with its mutex. Values never move (node-based), so a Value may hold
+// pointers into itself (the cuSPARSELt descriptors an Entry's plans refer to).
+template <typename Key, typename Value, typename Hash = std::hash<Key>>
+class LruCache {
+ public:
+  explicit LruCache(std::size_t capacity) : capacity_(capacity > 0 ? capacity : 1) {}
+
+  // The value of `key`, now the most recent, or nullptr.
+  Value* find(const Key& key) {
+    auto it = index_.find(key);
+    if (it == index_.end()) return nullptr;
+    order_.splice(order_.begin(), order_, it->second);
+    return &it->second->second;
+  }
+
+  // Inserts (or replaces) `key`, evicting the least recent entry when full; returns the stored value.
+  Value& insert(const Key& key, Value value) {
+    auto it = index_.find(key);
+    if (it != index_.end()) {
+      order_.erase(it->second);
+      index_.erase(it);
+    } else if (order_.size() >= capacity_) {
+      index_.erase(order_.back().first);
+      order_.pop_back();
+    }
+    order_.emplace_front(key, std::move(value));
+    index_.emplace(key, order_.begin());
+    return order_.front().second;
+  }
+
+  std::size_t size() const { return order_.size(); }
+  std::size_t capacity() const { return capacity_; }
+  // Most recent first.
+  typename std::list<std::pair<Key, Value>>::const_iterator begin() const { return order_.begin(); }
+  typename std::list<std::pair<Key, Value>>::const_iterator end() const { return order_.end(); }
+
+ private:
+  std::size_t capacity_;
+  std::list<std::pair<Key, Value>> order_;
+  std::unordered_map<Key, typename std::list<std::pair<Key, Value>>::iterator, Hash> index_;
 };
 
 }  // namespace madtp
