@@ -64,7 +64,26 @@ def discover(modules: list[str] | None = None) -> list[AotSpec]:
     specs = []
     for name in modules:
         specs.extend(getattr(importlib.import_module(name), "AOT_SPECS", []))
-    return specs
+    return specs + bf16_twins(specs)
+
+
+def _bf16_key(spec: AotSpec) -> tuple:
+    return (spec.name, tuple(sorted((k, v.replace("fp16", "bf16")) for k, v in spec.signature.items())),
+            tuple(sorted(spec.constexprs.items())), spec.num_warps, spec.num_stages)
+
+
+def bf16_twins(specs: list[AotSpec]) -> list[AotSpec]:
+    """A bf16 copy of every fp16 specialisation that has none: Triton's interpreter cannot check bf16 kernels on
+    CPU (its bf16 tl.dot is wrong), so this build is where each one a launcher may take in bf16 compiles."""
+    have = {_bf16_key(s) for s in specs if any("bf16" in v for v in s.signature.values())}
+    twins = []
+    for s in specs:
+        if any("fp16" in v for v in s.signature.values()) and _bf16_key(s) not in have:
+            have.add(_bf16_key(s))
+            twins.append(dataclasses.replace(
+                s, signature={k: v.replace("fp16", "bf16") for k, v in s.signature.items()},
+                label=(s.label.replace("fp16", "bf16") if "fp16" in s.label else f"bf16 {s.label}") + " (bf16 twin)"))
+    return twins
 
 
 def _full_signature(spec: AotSpec) -> dict[str, str]:

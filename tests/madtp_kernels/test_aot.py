@@ -129,3 +129,19 @@ def test_tensor_core_instructions_are_counted(fixture_modules, tmp_path):
     mma = {row["arch"]: row["mma"] for row in json.loads(out.read_text())}
     assert mma[80].get("HMMA", 0) > 0, mma  # Ampere: mma.sync
     assert mma[90].get("HGMMA", 0) > 0, mma  # Hopper: wgmma
+
+
+def test_every_fp16_specialisation_has_a_bf16_twin():
+    # bf16 Triton kernels cannot be checked under the interpreter (its bf16 tl.dot is wrong), so the AOT build is
+    # where they compile on CPU: every fp16 specialisation a launcher uses needs its bf16 twin there (declared in
+    # the module's AOT_SPECS, or added by the tool).
+    from madtp_kernels.tools import aot
+
+    specs = aot.discover()
+    bf16 = {aot._bf16_key(s) for s in specs if any("bf16" in v for v in s.signature.values())}
+    fp16 = [s for s in specs if any("fp16" in v for v in s.signature.values())]
+    assert fp16 and len(specs) == len({(s.name, s.label) for s in specs}), "specs must be told apart by label"
+    missing = [f"{s.name} [{s.label}]" for s in fp16 if aot._bf16_key(s) not in bf16]
+    assert not missing, f"fp16 specialisations without a bf16 twin: {missing}"
+    for twin in (s for s in specs if s.label.endswith("(bf16 twin)")):
+        assert not any("fp16" in v for v in twin.signature.values()), twin.label
