@@ -23,6 +23,13 @@ Three Triton launches and two small torch ops (zeros + cumsum for cu_new), nothi
 A sample is scored by a single program: its cost grows with its length x K (two reads of its alignment
 scores), so a batch with one very long sample waits for that one. The softmax runs on A * (1 / tau) rather
 than A / tau: within the comparison tolerance, and one multiply per element.
+
+Non-finite values follow the torch reference (reference/pruning.py's docstring, README "Non-finite values"):
+`tl.max` / `tl.min` drop NaN (maxnumf; np.nanmax under the interpreter), so every max / min here is a
+NaN-propagating one (`_nan_max`, `_nan_min`, `propagate_nan=ALL`); a term is 0 only where its span is exactly 0;
+candidates are recognised in pass c by a score other than +inf (a NaN TIS is still a candidate); and the
+compaction compares against a decision threshold that is theta, or FLT_MAX where theta is NaN, so that the rows
+that always stay (score +inf) stay and every candidate drops, while `theta` itself is returned as NaN.
 """
 from __future__ import annotations
 
@@ -47,8 +54,20 @@ _NUM_WARPS = 4
 
 
 @triton.jit
+def _nan_max(x, axis: tl.constexpr):
+    """tl.max along axis, NaN where any element is NaN (tl.max drops NaN)."""
+    return tl.where(tl.sum((x != x).to(tl.int32), axis=axis) > 0, float("nan"), tl.max(x, axis=axis))
+
+
+@triton.jit
+def _nan_min(x, axis: tl.constexpr):
+    """tl.min along axis, NaN where any element is NaN (tl.min drops NaN)."""
+    return tl.where(tl.sum((x != x).to(tl.int32), axis=axis) > 0, float("nan"), tl.min(x, axis=axis))
+
+
+@triton.jit
 def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, scratch_ptr, importance_ptr,
-                  score_ptr, theta_ptr, rows_ptr, inv_tau, T, H, D, K,
+                  score_ptr, theta_ptr, dthr_ptr, rows_ptr, inv_tau, T, H, D, K,
                   HAS_PROT: tl.constexpr, MERGE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0)
@@ -77,7 +96,7 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
                     mask=head_ok[:, None] & (d < D)[None, :] & (length > 0), other=0.0).to(tl.float32)
         sq += tl.sum(o * o, axis=1)
     norms = tl.sqrt(sq)
-    weight = norms / tl.maximum(tl.sum(norms, axis=0), 1.1754943508222875e-38)
+    weight = norms / tl.maximum(tl.sum(norms, axis=0), 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
 
     # Pass a: raw terms to the scratch, running min / max over candidates. The running values are scalars:
     # per-row vectors live in the [BLOCK_T, BLOCK_K] tile's row layout, replicated across its lanes.
@@ -97,7 +116,7 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
         n_cand += tl.sum(cand.to(tl.int32), axis=0)
         rh_mask = valid[:, None] & head_ok[None, :]
         rec = tl.load(received_ptr + t[:, None] * H + heads[None, :], mask=rh_mask, other=float("-inf"))
-        r = tl.max(rec, axis=1)
+        r = _nan_max(rec, 1)
         cl = tl.load(cls_ptr + t[:, None] * H + heads[None, :], mask=rh_mask, other=0.0)
         c = tl.sum(cl * weight[None, :], axis=1)
         a = tl.full([BLOCK_T], float("-inf"), tl.float32)
@@ -105,26 +124,33 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
             k = k0 + ks
             al = tl.load(align_ptr + t[:, None] * K + k[None, :], mask=valid[:, None] & (k < K)[None, :],
                          other=float("-inf"))
-            a = tl.maximum(a, tl.max(al, axis=1))
+            a = tl.maximum(a, _nan_max(al, 1), propagate_nan=tl.PropagateNan.ALL)
         tl.store(scratch_ptr + t, r, mask=valid)
         tl.store(scratch_ptr + T + t, c, mask=valid)
         tl.store(scratch_ptr + 2 * T + t, a, mask=valid)
-        lo_r = tl.minimum(lo_r, tl.min(tl.where(cand, r, float("inf")), axis=0))
-        lo_c = tl.minimum(lo_c, tl.min(tl.where(cand, c, float("inf")), axis=0))
-        lo_a = tl.minimum(lo_a, tl.min(tl.where(cand, a, float("inf")), axis=0))
-        hi_r = tl.maximum(hi_r, tl.max(tl.where(cand, r, float("-inf")), axis=0))
-        hi_c = tl.maximum(hi_c, tl.max(tl.where(cand, c, float("-inf")), axis=0))
-        hi_a = tl.maximum(hi_a, tl.max(tl.where(cand, a, float("-inf")), axis=0))
+        lo_r = tl.minimum(lo_r, _nan_min(tl.where(cand, r, float("inf")), 0),
+                            propagate_nan=tl.PropagateNan.ALL)
+        lo_c = tl.minimum(lo_c, _nan_min(tl.where(cand, c, float("inf")), 0),
+                            propagate_nan=tl.PropagateNan.ALL)
+        lo_a = tl.minimum(lo_a, _nan_min(tl.where(cand, a, float("inf")), 0),
+                            propagate_nan=tl.PropagateNan.ALL)
+        hi_r = tl.maximum(hi_r, _nan_max(tl.where(cand, r, float("-inf")), 0),
+                            propagate_nan=tl.PropagateNan.ALL)
+        hi_c = tl.maximum(hi_c, _nan_max(tl.where(cand, c, float("-inf")), 0),
+                            propagate_nan=tl.PropagateNan.ALL)
+        hi_a = tl.maximum(hi_a, _nan_max(tl.where(cand, a, float("-inf")), 0),
+                            propagate_nan=tl.PropagateNan.ALL)
     min_r = lo_r
     min_c = lo_c
     min_a = lo_a
-    # A term that is constant over the candidates (span 0), or has no finite span, contributes 0.
+    # A term that is constant over the candidates (span exactly 0) contributes 0; a NaN or infinite span is
+    # divided by, as in the reference.
     span_r = hi_r - min_r
     span_c = hi_c - min_c
     span_a = hi_a - min_a
-    ok_r = (span_r > 0) & (span_r < float("inf"))
-    ok_c = (span_c > 0) & (span_c < float("inf"))
-    ok_a = (span_a > 0) & (span_a < float("inf"))
+    ok_r = span_r != 0.0
+    ok_c = span_c != 0.0
+    ok_a = span_a != 0.0
     span_r = tl.where(ok_r, span_r, 1.0)
     span_c = tl.where(ok_c, span_c, 1.0)
     span_a = tl.where(ok_a, span_a, 1.0)
@@ -150,8 +176,8 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
     tl.debug_barrier()   # the scores are read below by other threads of this program
 
     # Pass c: per alignment token k, softmax_i(A_ik / tau) . TIS_i over candidates, online over token tiles.
-    # Only the score is loaded per row (candidates are the rows with a finite one): per-row vectors are
-    # replicated across the lanes that share a row of the [BLOCK_T, BLOCK_K] tile.
+    # Only the score is loaded per row (candidates: a score other than +inf, a NaN TIS included): per-row
+    # vectors are replicated across the lanes that share a row of the [BLOCK_T, BLOCK_K] tile.
     theta = float("inf")
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
@@ -163,7 +189,7 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
             t = t0 + tl.arange(0, BLOCK_T)
             valid = t < length
             score = tl.load(score_ptr + t, mask=valid, other=float("inf"))
-            cand = score < float("inf")
+            cand = score != float("inf")
             tis = tl.where(cand, score, 0.0)
             al = tl.load(align_ptr + t[:, None] * K + k[None, :], mask=cand[:, None] & k_ok[None, :],
                          other=float("-inf"))
@@ -175,10 +201,16 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
             l_sum = l_sum * alpha + tl.sum(p, axis=0)
             s_sum = s_sum * alpha + tl.sum(p * tis[:, None], axis=0)
             m = m_new
-        per_k = tl.where(k_ok, s_sum / tl.maximum(l_sum, 1.1754943508222875e-38), float("inf"))
-        theta = tl.minimum(theta, tl.min(per_k, axis=0))
+        # l_sum == 0 (every logit -inf): zero weights, so s_sum is 0 (or NaN, from 0 * a NaN TIS) over any divisor.
+        per_k = tl.where(k_ok, s_sum / tl.maximum(l_sum, 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL),
+                         float("inf"))
+        theta = tl.minimum(theta, _nan_min(per_k, 0), propagate_nan=tl.PropagateNan.ALL)
     theta = tl.where(n_cand > 0, theta, 0.0)
     tl.store(theta_ptr + b, theta)
+    # The compaction's threshold: a NaN theta drops every candidate (TIS > NaN is false) but must keep the rows
+    # that always stay, whose score is +inf; FLT_MAX does both (a TIS is at most 1, or NaN).
+    theta = tl.where(theta != theta, 3.4028234663852886e38, theta)
+    tl.store(dthr_ptr + b, theta)
 
     # Pass d: the output rows, by the rule the compaction applies (t < 1 or score > theta, in fp32).
     n_kept = 0
@@ -240,10 +272,11 @@ def score_and_prune(x: torch.Tensor, cu_seqlens: torch.Tensor, received: torch.T
     importance = torch.empty(rows, dtype=torch.float32, device=dev)
     score = torch.empty(rows, dtype=torch.float32, device=dev)
     theta = torch.empty(batch, dtype=torch.float32, device=dev)
+    decision = torch.empty(batch, dtype=torch.float32, device=dev)   # theta, FLT_MAX where theta is NaN
     counts = torch.empty(batch, dtype=torch.int32, device=dev)
     prot = protected.view(torch.uint8) if protected is not None else counts   # unused without HAS_PROT
     _score_kernel[(batch,)](
-        received, cls, attn_out, align, prot, cu_seqlens, scratch, importance, score, theta, counts,
+        received, cls, attn_out, align, prot, cu_seqlens, scratch, importance, score, theta, decision, counts,
         1.0 / temperature, rows, H, D, K,
         HAS_PROT=protected is not None, MERGE=merge, BLOCK_T=_SCORE_BLOCK_T, BLOCK_H=_pow2(H, 2, 1 << 30),
         BLOCK_D=_pow2(D, 16, _SCORE_BLOCK_D), BLOCK_K=_pow2(K, 16, _SCORE_BLOCK_K), num_warps=_SCORE_NUM_WARPS)
@@ -255,7 +288,7 @@ def score_and_prune(x: torch.Tensor, cu_seqlens: torch.Tensor, received: torch.T
     block_c = _block_c(C, _COMPACT_BLOCK_C)
     # At least one column block even when C == 0: column block 0 writes kept_index.
     _compact_kernel[(batch, max(1, triton.cdiv(C, block_c)))](
-        x, y, kept_index, cu_seqlens, cu_new, score, theta, 1, 0, C,
+        x, y, kept_index, cu_seqlens, cu_new, score, decision, 1, 0, C,
         FROM_MASK=False, MERGE=merge, WRITE_INDEX=True,
         BLOCK_T=_COMPACT_BLOCK_T, BLOCK_C=block_c, num_warps=_NUM_WARPS)
 
@@ -278,7 +311,8 @@ def _aot_specs() -> list[AotSpec]:
                 _score_kernel,
                 {"received_ptr": "*fp32", "cls_ptr": "*fp32", "attn_ptr": f"*{attn_dt}", "align_ptr": "*fp32",
                  "prot_ptr": "*u8" if has_prot else "*i32", "cu_ptr": "*i32", "scratch_ptr": "*fp32",
-                 "importance_ptr": "*fp32", "score_ptr": "*fp32", "theta_ptr": "*fp32", "rows_ptr": "*i32",
+                 "importance_ptr": "*fp32", "score_ptr": "*fp32", "theta_ptr": "*fp32", "dthr_ptr": "*fp32",
+                 "rows_ptr": "*i32",
                  "inv_tau": "fp32", "T": "i32", "H": "i32", "D": "i32", "K": "i32"},
                 {"HAS_PROT": has_prot, "MERGE": True, "BLOCK_T": _SCORE_BLOCK_T,
                  "BLOCK_H": _pow2(heads, 2, 1 << 30), "BLOCK_D": _pow2(64, 16, _SCORE_BLOCK_D),
