@@ -93,15 +93,19 @@ def call(model, x, backend, record):
     with torch.no_grad(), mk.use_backend(backend), (madtp.recording(model) if record else nullcontext()):
         out = _tensors(model(**x))
         report = madtp.pruning_report(model)
+        records = model.madtp.records
+        # inference does no training work: a recording mode leaking in from another thread shows here
+        out["recorded"] = torch.tensor([r.pooled is not None for r in records.values()])
         if record:
             out["alignment_loss"] = madtp.alignment_loss(model)
-            for branch, rec in model.madtp.records.items():
+            for branch, rec in records.items():
                 out[f"summaries.{branch}"] = torch.stack(rec.summaries)
     return out, report
 
 
 def hammer(model, jobs, backend, record, rounds=1):
-    """Every thread runs every job (in its own order) `rounds` times; returns [(job, result or exception)]."""
+    """Every thread runs every job (in its own order) `rounds` times, odd threads inside madtp.recording if
+    `record`; returns [(job, recorded, result or exception)]."""
     barrier = threading.Barrier(THREADS)
     results = [[] for _ in range(THREADS)]
 
@@ -109,11 +113,12 @@ def hammer(model, jobs, backend, record, rounds=1):
         order = [j for _ in range(rounds) for j in range(len(jobs))]
         random.Random(t).shuffle(order)
         barrier.wait()
+        mode = record and t % 2 == 1
         for j in order:
             try:
-                results[t].append((j, call(model, jobs[j], backend, record)))
+                results[t].append((j, mode, call(model, jobs[j], backend, mode)))
             except Exception as e:   # noqa: BLE001 - reported with the job below
-                results[t].append((j, e))
+                results[t].append((j, mode, e))
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
     for t in threads:
@@ -135,8 +140,9 @@ def mismatches(expected, got):
     return bad
 
 
-# Every model, execution and mode on the torch backend; on Triton (under the interpreter, slow) the path a GPU
-# serves: CLIP, ragged, recording (which runs every op inference runs, and the training work besides).
+# Every model and execution on the torch backend, with every thread at inference, and with half of them inside
+# madtp.recording (a mode of the thread, not of the model); on Triton (under the interpreter, slow) the path a GPU
+# serves: CLIP, ragged, both modes at once.
 CASES = [(m, e, "torch", r) for m in MODELS for e in ("ragged", "padded") for r in (False, True)]
 CASES += [("clip", "ragged", "triton", True)]
 
@@ -149,10 +155,10 @@ def test_threads_compute_what_each_call_computes_alone(name, execution, backend,
     torch.manual_seed(0)
     model = madtp.apply(make(), madtp.MADTPConfig(num_alignment_tokens=8, temperature=1.0, execution=execution))
     jobs = make_jobs(len(CASES) + 10 * record, BATCHES[backend])
-    expected = [call(model, x, backend, record) for x in jobs]
+    expected = {mode: [call(model, x, backend, mode) for x in jobs] for mode in {False, record}}
     # the jobs prune, and differently per sample: a leak between calls would show
-    assert any(len(set(kept.tolist())) > 1 for _, report in expected for kept in report.values())
+    assert any(len(set(kept.tolist())) > 1 for _, report in expected[False] for kept in report.values())
     rounds = 2 if backend == "torch" else 1
-    failures = [(j, bad) for j, got in hammer(model, jobs, backend, record, rounds)
-                if (bad := mismatches(expected[j], got))]
+    failures = [(j, mode, bad) for j, mode, got in hammer(model, jobs, backend, record, rounds)
+                if (bad := mismatches(expected[mode][j], got))]
     assert not failures, f"{len(failures)} of {THREADS * rounds * len(jobs)} calls: {failures[:5]}"
