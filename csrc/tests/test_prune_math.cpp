@@ -46,15 +46,20 @@ void test_candidates_and_head_weights() {
   CHECK(head_weight(1.0f, 4.0f) == 0.25f);
   CHECK(head_weight(0.0f, 0.0f) == 0.0f);  // every norm 0: all weights 0, not NaN
   CHECK(head_weight(3.0f, 3.0f) == 1.0f);
+  CHECK(std::isnan(head_weight(1.0f, kNan)) && std::isnan(head_weight(kNan, kNan)));  // NaN propagates
+  CHECK(head_weight(1.0f, kInf) == 0.0f && std::isnan(head_weight(kInf, kInf)));
 }
 
 void test_normalisation() {
   const TermRange r{1.0f, 3.0f};
   CHECK(normalized_term(1.0f, r) == 0.0f && normalized_term(3.0f, r) == 1.0f && normalized_term(2.0f, r) == 0.5f);
   CHECK(normalized_term(7.0f, TermRange{7.0f, 7.0f}) == 0.0f);          // constant term
-  CHECK(normalized_term(1.0f, TermRange{-kInf, 4.0f}) == 0.0f);         // infinite span
-  CHECK(normalized_term(1.0f, TermRange{0.0f, kInf}) == 0.0f);
-  CHECK(normalized_term(kNan, TermRange{kNan, kNan}) == 0.0f);          // NaN span
+  // Non-finite spans are divided by (IEEE): only an exact 0 span means "constant".
+  CHECK(std::isnan(normalized_term(1.0f, TermRange{-kInf, 4.0f})));    // (1 + inf) / inf
+  CHECK(normalized_term(1.0f, TermRange{0.0f, kInf}) == 0.0f);          // 1 / inf
+  CHECK(std::isnan(normalized_term(kInf, TermRange{0.0f, kInf})));      // inf / inf
+  CHECK(std::isnan(normalized_term(1.0f, TermRange{kNan, kNan})));      // NaN span
+  CHECK(std::isnan(normalized_term(1.0f, TermRange{0.0f, kNan})));
   CHECK(normalized_term(1.0f, TermRange{-3e38f, 3e38f}) == 0.0f);       // span overflows to inf
   CHECK(token_importance(3.0f, 0.0f, 2.0f, r, TermRange{0.0f, 1.0f}, TermRange{2.0f, 2.0f}) == 1.0f / 3.0f);
   CHECK(token_importance(3.0f, 1.0f, 5.0f, r, TermRange{0.0f, 1.0f}, TermRange{2.0f, 5.0f}) == 1.0f);
@@ -79,19 +84,32 @@ void test_softmax_state() {
   s = softmax_add(s, 1.0f, 0.25f);
   s = softmax_add(s, -kInf, 0.9f);
   CHECK(softmax_value(s) == 0.25f);
-  // NaN logit anywhere, or an infinite max: the softmax is undefined, 0 (the reference's nan_to_num)
-  CHECK(softmax_value(softmax_add(s, kNan, 0.1f)) == 0.0f);
-  CHECK(softmax_value(softmax_add(empty_softmax(), kNan, 0.1f)) == 0.0f);
-  CHECK(softmax_value(softmax_add(softmax_add(empty_softmax(), kNan, 0.1f), 2.0f, 0.5f)) == 0.0f);
-  CHECK(softmax_value(softmax_add(s, kInf, 0.1f)) == 0.0f);
-  CHECK(softmax_value(softmax_add(softmax_add(s, kInf, 0.1f), 3.0f, 0.5f)) == 0.0f);
+  // A NaN logit anywhere, or a +inf one (inf / inf): NaN, in any order (IEEE propagation, as the reference)
+  CHECK(std::isnan(softmax_value(softmax_add(s, kNan, 0.1f))));
+  CHECK(std::isnan(softmax_value(softmax_add(empty_softmax(), kNan, 0.1f))));
+  CHECK(std::isnan(softmax_value(softmax_add(softmax_add(empty_softmax(), kNan, 0.1f), 2.0f, 0.5f))));
+  CHECK(std::isnan(softmax_value(softmax_add(s, kInf, 0.1f))));
+  CHECK(std::isnan(softmax_value(softmax_add(empty_softmax(), kInf, 0.1f))));
+  CHECK(std::isnan(softmax_value(softmax_add(softmax_add(s, kInf, 0.1f), 3.0f, 0.5f))));
+  CHECK(std::isnan(softmax_value(softmax_add(softmax_add(s, kInf, 0.1f), kInf, 0.5f))));
+  // a NaN TIS weighs in even at weight 0 (0 * NaN = NaN), also where every logit is -inf
+  CHECK(std::isnan(softmax_value(softmax_add(s, 1.0f, kNan))));
+  CHECK(std::isnan(softmax_value(softmax_add(s, -kInf, kNan))));
+  CHECK(std::isnan(softmax_value(softmax_add(empty_softmax(), -kInf, kNan))));
+  CHECK(std::isnan(softmax_value(softmax_add(softmax_add(empty_softmax(), -kInf, kNan), 1.0f, 0.5f))));
+  CHECK(softmax_value(softmax_add(softmax_add(empty_softmax(), -kInf, 0.9f), -kInf, 0.2f)) == 0.0f);
   // merge: empty is the identity, exactly; NaN survives a merge
   CHECK(softmax_value(softmax_merge(s, empty_softmax())) == 0.25f);
   CHECK(softmax_value(softmax_merge(empty_softmax(), s)) == 0.25f);
   CHECK(softmax_value(softmax_merge(empty_softmax(), empty_softmax())) == 0.0f);
   const SoftmaxState poisoned = softmax_add(empty_softmax(), kNan, 0.1f);
   CHECK(std::isnan(softmax_merge(s, poisoned).s) && std::isnan(softmax_merge(poisoned, s).s));
-  CHECK(softmax_value(softmax_merge(s, poisoned)) == 0.0f && softmax_value(softmax_merge(poisoned, s)) == 0.0f);
+  CHECK(std::isnan(softmax_value(softmax_merge(s, poisoned))) && std::isnan(softmax_value(softmax_merge(poisoned, s))));
+  const SoftmaxState infinite = softmax_add(empty_softmax(), kInf, 0.1f);
+  CHECK(std::isnan(softmax_value(softmax_merge(s, infinite))) && std::isnan(softmax_value(softmax_merge(infinite, s))));
+  const SoftmaxState zero_nan = softmax_add(empty_softmax(), -kInf, kNan);   // all -inf, a NaN TIS
+  CHECK(std::isnan(softmax_value(softmax_merge(s, zero_nan))) && std::isnan(softmax_value(softmax_merge(zero_nan, s))));
+  CHECK(std::isnan(softmax_value(softmax_merge(zero_nan, empty_softmax()))));
   // merge of two halves == one pass (two-point closed form)
   const SoftmaxState a = softmax_add(empty_softmax(), 0.5f, 1.0f), b = softmax_add(empty_softmax(), 2.5f, 0.0f);
   const double w = std::exp(0.5 - 2.5);
@@ -110,8 +128,7 @@ void test_keep_rule() {
   CHECK(!keep_row(true, 1.0f, kNan));                                 // NaN theta: every candidate drops
   // The compaction's encoding (keep_token, keep_first = 1) is the same rule on every row.
   const float values[] = {0.0f, 1e-30f, 0.25f, 0.5f, 0.99999994f, 1.0f, kNan};
-  for (float tis : values) {
-    if (std::isnan(tis)) continue;  // TIS is never NaN (normalized_term maps non-finite spans to 0)
+  for (float tis : values) {  // a NaN TIS included: it drops, as keep_row says
     for (float theta : values) {
       for (int cand = 0; cand < 2; ++cand) {
         for (int64_t t = 1; t < 3; ++t) {
@@ -461,24 +478,52 @@ void test_protected_and_nan() {
   const Replay g = replay(all);
   CHECK(g.theta[0] == 0.0f && g.theta[1] == 0.0f);
   for (int64_t r = 0; r < all.rows(); ++r) CHECK(g.importance[r] == 0.0f && g.decision[r] == kInf);
-  // a NaN alignment score: that alignment token's softmax is undefined and counts 0 (the reference's
-  // nan_to_num), so theta = 0 and exactly the candidates with TIS > 0 stay; TIS stays finite
+  // A NaN input of a candidate (alignment score, received, cls) or a NaN / inf in the first row's attention
+  // output reaches every candidate (min-max normalisation, head weights): NaN TIS on every candidate. A +inf
+  // term makes its own TIS NaN (inf / inf; the others' term is finite / inf = 0). Either way theta is NaN, every
+  // candidate drops, the rows that always stay stay (decision threshold FLT_MAX), the other sample is untouched.
+  const float bad_values[] = {kNan, kInf};
+  for (int where = 0; where < 4; ++where) {
+    for (float bad : bad_values) {
+      Batch in = random_batch(gen, {50, 20}, 2, 8, 40, 1.0f, 0.3);
+      in.protected_rows[0] = 0;
+      int64_t victim = 1;
+      while (in.protected_rows[victim]) ++victim;
+      if (where == 0) in.align[victim * 40 + 17] = bad;
+      if (where == 1) in.received[victim * 2 + 1] = bad;
+      if (where == 2) in.cls[victim * 2] = bad;
+      if (where == 3) in.attn_out[5] = bad;   // row 0, head 0
+      const Replay got = replay(in);
+      CHECK(std::isnan(got.theta[0]) && got.decision_threshold[0] == FLT_MAX);
+      for (int64_t i = 0; i < 50; ++i) {
+        const bool cand = is_candidate(i, in.protected_rows[i]);
+        const bool all = std::isnan(bad) || where == 3;
+        if (!cand) CHECK(got.importance[i] == 0.0f);
+        else if (all || i == victim) CHECK(std::isnan(got.importance[i]));
+        else CHECK(got.importance[i] >= 0.0f && got.importance[i] <= 1.0f);
+        CHECK(keep_token(i, 1, got.decision[i], got.decision_threshold[0]) == !cand);
+      }
+      CHECK(std::isfinite(got.theta[1]));
+      for (int64_t i = 50; i < 70; ++i) CHECK(std::isfinite(got.importance[i]));
+    }
+  }
+  // A NaN in a row that is not a candidate (first or protected) is never read by the scoring.
   Batch in = random_batch(gen, {50}, 2, 8, 40, 1.0f, 0.3);
   in.protected_rows[0] = 0;
-  int64_t victim = 1;
-  while (in.protected_rows[victim]) ++victim;
-  in.align[victim * 40 + 17] = kNan;
-  const Replay got = replay(in);
-  CHECK(got.theta[0] == 0.0f);
-  int64_t kept_candidates = 0;
+  Batch dirty = in;
   for (int64_t i = 0; i < 50; ++i) {
-    const bool cand = is_candidate(i, in.protected_rows[i]);
-    CHECK(std::isfinite(got.importance[i]) && got.importance[i] >= 0.0f && got.importance[i] <= 1.0f);
-    const bool keep = keep_token(i, 1, got.decision[i], got.decision_threshold[0]);
-    CHECK(keep == (!cand || got.importance[i] > 0.0f));
-    kept_candidates += cand && keep;
+    if (is_candidate(i, in.protected_rows[i])) continue;
+    for (int64_t k = 0; k < 40; ++k) dirty.align[i * 40 + k] = kNan;
+    for (int64_t h = 0; h < 2; ++h) dirty.received[i * 2 + h] = dirty.cls[i * 2 + h] = kNan;
   }
-  CHECK(kept_candidates > 0);
+  const Replay a = replay(in), b = replay(dirty);
+  CHECK(a.theta[0] == b.theta[0]);
+  for (int64_t i = 0; i < 50; ++i) CHECK(a.importance[i] == b.importance[i] && a.decision[i] == b.decision[i]);
+  // A -inf alignment score masks that one entry (weight 0): the result stays finite and matches float64.
+  Batch masked = random_batch(gen, {50}, 2, 8, 40, 1.0f, 0.0);
+  masked.align[7 * 40 + 3] = -kInf;
+  check_batch(masked, 2e-5, "a -inf alignment score");
+  CHECK(std::isfinite(replay(masked).theta[0]));
 }
 
 }  // namespace
