@@ -64,7 +64,7 @@ def prune_tokens(x, offsets, scores, threshold, keep_first, merge):
 def attention(q, k, v, offsets_q, offsets_k, *, scale, causal, q_index=None, kv_index=None, dtype=F64):
     """(out [Tq, H, D], received [Tk, H], cls [Tk, H]) in `dtype`: per sequence and head, softmax over the
     keys the query may see (bottom-right causal), summed with where (a masked key's value is never read).
-    A query with no key gets zeros and gives nothing to the statistics."""
+    A query with no key, or whose every score is -inf, gets zeros and gives nothing to the statistics."""
     if q_index is not None:
         q = q[q_index.long()]
     if kv_index is not None:
@@ -86,13 +86,15 @@ def attention(q, k, v, offsets_q, offsets_k, *, scale, causal, q_index=None, kv_
         for h in range(heads):
             s = (q[q0:q1, h] @ k[k0:k1, h].T) * scale
             s = torch.where(allowed, s, float("-inf"))
+            # A query whose every logit is -inf gets zero weights (flash-attention, SDPA), not softmax's 0/0.
+            live = has_key & ~(s == float("-inf")).all(1)
             p = torch.zeros_like(s)
-            p[has_key] = torch.softmax(s[has_key], dim=-1)
+            p[live] = torch.softmax(s[live], dim=-1)
             p = torch.where(allowed, p, 0)
             pv = torch.where(allowed[:, :, None], p[:, :, None] * v[k0:k1, h][None], 0)
             out[q0:q1, h] = pv.sum(1)
             received[k0:k1, h] = torch.where(allowed, p, 0).sum(0)
-            if bool(has_key[0]):
+            if bool(live[0]):
                 cls[k0:k1, h] = torch.where(allowed[0], p[0], 0)
     return out, received, cls
 

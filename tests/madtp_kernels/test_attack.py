@@ -337,6 +337,9 @@ def test_varlen_attention(data):
     s = head_dim ** -0.5 if scale is None else scale
     args = (q, k, v, cu_q.tolist(), cu_k.tolist())
     kw = dict(scale=s, causal=causal, q_index=q_index, kv_index=kv_index)
+    if os.environ.get("MADTP_ATTACK_DUMP"):   # the drawn inputs in full, to turn a failure into a reproducer
+        torch.save(dict(q=q, k=k, v=v, cu_q=cu_q, cu_k=cu_k, lay_k=lay_k is not None, max_q=max_q, max_k=max_k,
+                        kw=kw, return_stats=return_stats), os.environ["MADTP_ATTACK_DUMP"])
     exact = oracle.attention(*args, **kw)
     plain = oracle.attention(*args, **kw, dtype=dtype)
     for pair, got in results.items():
