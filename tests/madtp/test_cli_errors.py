@@ -154,6 +154,15 @@ def _entries(d: Path, edit):
     path.write_text(json.dumps(entries))
 
 
+def _swap_words(path: Path):
+    """Two words trade ids: still a valid tokenizer, only its hash tells (the model would read other words)."""
+    doc = json.loads(path.read_text())
+    vocab = doc["model"]["vocab"]
+    a, b = sorted(w for w in vocab if w.isalpha())[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(doc))
+
+
 def _pickled(d: Path):
     torch.save({"w": torch.zeros(2)}, d / "model.safetensors")
 
@@ -253,6 +262,7 @@ CASES = [
     Case("config-truncated", ev(), "config.json", damaged()(lambda d: _truncate(d / "config.json"))),
     Case("config-missing", ev(), "config.json", damaged()(lambda d: (d / "config.json").unlink())),
     Case("tokenizer-truncated", ev(), "tokenizer.json", damaged()(lambda d: _truncate(d / "tokenizer.json"))),
+    Case("tokenizer-words-swapped", ev(), "tokenizer.json", damaged()(lambda d: _swap_words(d / "tokenizer.json"))),
     Case("manifest-edited-unsealed", ev(), "madtp.json",
          damaged()(lambda d: _edit_manifest(d, _set(["madtp", "temperature", "vision"], 2.0), reseal=False))),
     Case("manifest-malformed", ev(), "madtp.json", damaged()(lambda d: _truncate(d / "madtp.json"))),
