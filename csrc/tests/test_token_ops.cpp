@@ -72,6 +72,14 @@ void test_merge_rule() {
   CHECK(merge_weight(1.0f, s) == 1.0f && merge_denominator(s, 2) == 2.0f);
   // a tiny but nonzero sum stays a weighted mean.
   CHECK(merge_weight(0.5f, 1e-30f) == 0.5f && merge_denominator(1e-30f, 3) == 1e-30f);
+  // Non-finite sums are not 0: a NaN or infinite dropped score stays a weighted mean, which is NaN (IEEE).
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  CHECK(merge_weight(0.5f, nan) == 0.5f && std::isnan(merge_denominator(nan, 3)));
+  CHECK(std::isnan(merge_weight(nan, nan)));
+  CHECK(merge_weight(inf, inf) == inf && merge_denominator(inf, 2) == inf);
+  CHECK(std::isnan(merge_weight(inf, inf) * 2.0f / merge_denominator(inf, 2)));   // inf / inf
+  CHECK(std::isnan(merge_weight(0.0f, 1.0f) * inf));   // a dropped inf row with weight 0: 0 * inf
 }
 
 void test_index_math() {

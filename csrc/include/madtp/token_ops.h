@@ -31,6 +31,9 @@ MADTP_HD int64_t pruned_rows(int64_t kept, int64_t length, bool merge) {
 // the plain mean of the dropped tokens instead. Because weight_sum is known before any row is read
 // (it depends on scores only), the kernels pick the weight per row up front and keep ONE accumulator
 // per column instead of two: w = merge_weight(score, weight_sum), result = acc / merge_denominator(...).
+// Non-finite values (README "Non-finite values", the rule of every backend): IEEE propagation over the
+// dropped rows only. A NaN or infinite weight sum is not 0, so the mean stays weighted (and NaN); the kernels
+// accumulate dropped rows only, so a kept row's values never reach the merged row.
 MADTP_HD float merge_weight(float score, float weight_sum) { return weight_sum != 0.0f ? score : 1.0f; }
 
 MADTP_HD float merge_denominator(float weight_sum, int64_t dropped) {
