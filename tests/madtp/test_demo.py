@@ -53,4 +53,9 @@ def test_quick_demo_on_the_shipped_model(tmp_path, capsys):
     assert [t["target_gflops_reduction"] for t in report["compressed"]] == [0.5, 0.8]
     for t in report["compressed"]:
         assert 0.45 <= t["achieved_gflops_reduction"] <= 0.85, t["achieved_gflops_reduction"]
+        # 10 candidates: chance is 0.1, and on the 32 held-out samples a model at chance reaches 13/32 with
+        # probability ~1e-5. Measured (2 threads): 0.84 at the 0.5 target, 0.66 at 0.8; a 2:4 mask that keeps
+        # the two smallest |w| per group scores 0.0.
+        acc = t["measurement"]["metric"]["hard_negative_acc"]
+        assert acc >= 0.4, (t["target_gflops_reduction"], acc)
     assert "hard_negative_acc" in capsys.readouterr().out
