@@ -538,7 +538,32 @@ def _configs(args):
         settle_steps=args.settle_steps, latency_repeats=args.latency_repeats)
     values = vars(args) | {"output_dir": output, "max_steps": 1 if args.max_steps is None else args.max_steps}
     train = TrainConfig.from_args(argparse.Namespace(**values))   # checked now, before anything loads
+    _check_resume(train)
     return config, train
+
+
+def _check_resume(train) -> None:
+    """A --resume checkpoint that is not one, or is damaged, fails before the model loads and calibrates (the
+    trainer checks it again when it restores it)."""
+    from .train import checkpoint as ckpt
+
+    if train.resume is True:
+        path = ckpt.latest_checkpoint(train.checkpoint_dir)   # IntegrityError for a damaged one `latest` names
+    elif train.resume:
+        path = Path(train.resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume: {path} is not a checkpoint directory")
+        try:
+            ckpt.read_meta(path)
+        except ckpt.IntegrityError:
+            raise
+        except ValueError:
+            raise ValueError(f"--resume: {path} is not a complete checkpoint (no readable {ckpt.STATE_JSON})") \
+                from None
+    else:
+        return
+    if path is not None:
+        ckpt.verify_checkpoint(path)
 
 
 def run_compress(args) -> int:

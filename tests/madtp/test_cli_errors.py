@@ -213,6 +213,8 @@ CASES = [
     Case("eval-data-missing", ev("model", data=lambda b, t: t / "nodata"), "--data"),
     Case("eval-annotations-missing", ev("model", "--annotations", lambda b, t: t / "none.json"), "--annotations"),
     Case("eval-image-root-missing", ev("model", "--image-root", lambda b, t: t / "noimages"), "--image-root"),
+    Case("eval-json-under-a-file", ev("model", "--json", lambda b, t: b["data"] / "vqa_val.json" / "out.json"),
+         "vqa_val.json"),
     Case("eval-task-wrong-model", lambda b, t: [("vqa" if a == "clip-retrieval" else a) for a in ev()(b, t)],
          "--task"),
     Case("bench-repeats-0", lambda b, t: ["bench", "--model", str(b["model"]), "--repeats", "0"], "--repeats"),
