@@ -1,7 +1,7 @@
 """Float64 oracles for the attack suite, written from the formulas in DESIGN.md and the ops' docstrings.
 
 They share no code with any backend. Non-finite values follow IEEE arithmetic wherever the formula reads the
-value, and nowhere else: a masked key, a kept row outside a merge, a pruned weight position are never read.
+value, and nowhere else: a masked key, a kept row outside a merge are never read (a pruned 2:4 position is a 0 that is).
 """
 from __future__ import annotations
 
@@ -130,21 +130,18 @@ def decompress(values, meta):
 
 
 def sparse_linear(x, values, meta, bias):
-    """(y [rows, N] f64, bound [rows, N]): y = sum over kept entries of values * x[kept column] + bias; only kept
-    positions are read. bound: a forward error bound for any summation order in the backend's accumulation."""
-    pos = kept_positions(meta)
-    n, half = values.shape
-    cols = (torch.arange(half // 2)[None, :, None] * 4 + pos).reshape(n, half)      # [N, K/2]
+    """(y [rows, N] f64, bound [rows, N]): y = x @ W^T + bias with W the dense 2:4 weight (DESIGN.md's formula:
+    a pruned position is a 0 that is read, so a NaN/inf of x there gives NaN, as F.linear on W would).
+    bound: a forward error bound for any summation order in the backend's accumulation."""
+    w = decompress(values, meta)
     x64 = x.to(F64)
-    xg = x64[:, cols]                                                               # [rows, N, K/2]
-    v = values.to(F64)[None]
-    y = (xg * v).sum(-1)
-    mag = (xg.abs() * v.abs()).sum(-1)
+    y = (x64[:, None, :] * w[None]).sum(-1)   # elementwise, not BLAS: every 0 * NaN is formed
+    mag = (x64.abs()[:, None, :] * w.abs()[None]).sum(-1)
     if bias is not None:
         y = y + bias.to(F64)
         mag = mag + bias.to(F64).abs()
     acc_eps = torch.finfo(F64 if x.dtype == F64 else torch.float32).eps
-    return y, 2 * (half + 2) * acc_eps * mag + torch.finfo(x.dtype).eps * y.abs()
+    return y, 2 * (values.shape[1] + 2) * acc_eps * mag + torch.finfo(x.dtype).eps * y.abs()
 
 
 def prune_2to4(weight):
