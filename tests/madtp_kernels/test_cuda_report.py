@@ -4,7 +4,9 @@ import pytest
 from madtp_kernels import _dispatch
 from madtp_kernels.tools import cuda_report
 
-pytestmark = pytest.mark.skipif(not _dispatch.BACKENDS["cuda"].is_available(), reason="madtp_kernels._C not built")
+# cuda: gpu.sh (-m cuda) runs these on the binary it has just built.
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not _dispatch.BACKENDS["cuda"].is_available(), reason="madtp_kernels._C not built")]
 
 
 def test_every_kernel_built_for_sm80_and_sm90a_without_spills():
