@@ -24,6 +24,7 @@ THREADS = 4
 # mixed batch sizes, one job each; every thread runs every job. Triton runs under the interpreter here (seconds
 # per call): fewer, smaller jobs.
 BATCHES = {"torch": (1, 3, 2, 5, 4, 1), "triton": (1, 2)}
+ROUNDS = {"torch": 4, "triton": 1}   # times each thread runs each job
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,7 +159,7 @@ def test_threads_compute_what_each_call_computes_alone(name, execution, backend,
     expected = {mode: [call(model, x, backend, mode) for x in jobs] for mode in {False, record}}
     # the jobs prune, and differently per sample: a leak between calls would show
     assert any(len(set(kept.tolist())) > 1 for _, report in expected[False] for kept in report.values())
-    rounds = 2 if backend == "torch" else 1
+    rounds = ROUNDS[backend]
     failures = [(j, mode, bad) for j, mode, got in hammer(model, jobs, backend, record, rounds)
                 if (bad := mismatches(expected[mode][j], got))]
     assert not failures, f"{len(failures)} of {THREADS * rounds * len(jobs)} calls: {failures[:5]}"
