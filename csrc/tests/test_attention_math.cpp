@@ -36,6 +36,8 @@ void test_scalar_functions() {
   CHECK(madtp::softmax_prob(-kInf, m) == 0.0f);
   CHECK(madtp::softmax_inv_sum(0.0f) == 0.0f);
   CHECK(madtp::softmax_lse(-kInf, 0.0f) == kInf);
+  CHECK(std::isnan(madtp::softmax_lse(3.0f, std::nanf(""))));  // a NaN score's row stays NaN
+  CHECK(std::isnan(madtp::softmax_lse(std::nanf(""), 2.0f)));
   CHECK(madtp::stats_prob(-kInf, kInf, true) == 0.0f);
   CHECK(madtp::stats_prob(3.0f, kInf, true) == 0.0f);
   CHECK(madtp::stats_prob(std::numeric_limits<float>::quiet_NaN(), 1.0f, false) == 0.0f);

@@ -62,8 +62,10 @@ MADTP_HD float softmax_inv_sum(float row_sum) { return row_sum > 0.0f ? 1.0f / r
 
 // Natural log-sum-exp of the row's scores; +inf for a query that saw no key, so that any probability
 // recomputed from it, exp(s - lse), is 0 (also for s = -inf).
+// An empty row (sum exactly 0) has LSE +inf, so its probabilities are 0; a NaN sum (a NaN or +inf score)
+// stays NaN, as on the torch and Triton backends.
 MADTP_HD float softmax_lse(float row_max, float row_sum) {
-  return row_sum > 0.0f ? (row_max + log2f(row_sum)) * kLn2 : INFINITY;
+  return row_sum == 0.0f ? INFINITY : (row_max + log2f(row_sum)) * kLn2;
 }
 
 // Statistics pass: probability query i gives key j, recomputed from the raw log2-domain score and the
