@@ -99,15 +99,16 @@ class MADTPState(nn.Module):
     def extra_repr(self) -> str:
         return f"config={self.config}, temperature={self.temperature}"
 
-    # A thread-local cannot be copied or pickled: a copy (copy.deepcopy, torch.save) starts with no forwards.
+    # What forwards left (per thread, per output tensor) is not copied (a thread-local and a weak dictionary
+    # cannot be pickled): a copy (copy.deepcopy, torch.save) starts as if it had run no forward.
     def __getstate__(self):
         state = self.__dict__.copy()
-        del state["_threads"]
+        del state["_threads"], state["_outputs"]
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._threads = _PerThread()
+        self._threads, self._outputs = _PerThread(), WeakIdKeyDictionary()
 
 
 def _width(tower: Tower) -> int:

@@ -7,6 +7,8 @@ intra-op thread (set below) every op runs the same code on the same values which
 any difference is state leaking between calls; and a pruning decision is discrete, so a leak shows as a changed
 token set rather than a rounding error.
 """
+import copy
+import io
 import os
 import random
 import threading
@@ -163,3 +165,21 @@ def test_threads_compute_what_each_call_computes_alone(name, execution, backend,
     failures = [(j, mode, bad) for j, mode, got in hammer(model, jobs, backend, record, rounds)
                 if (bad := mismatches(expected[mode][j], got))]
     assert not failures, f"{len(failures)} of {THREADS * rounds * len(jobs)} calls: {failures[:5]}"
+
+
+def test_a_copy_starts_without_forwards_and_saves():
+    # The per-thread and per-output state is not copied: the copy has run no forward, and torch.save works.
+    model = madtp.apply(MODELS["clip"][0](), madtp.MADTPConfig(num_alignment_tokens=8, temperature=1.0))
+    x = clip_jobs(0, (3,))[0]
+    out, report = call(model, x, "torch", False)
+    for clone in (copy.deepcopy(model), _saved_and_loaded(model, io.BytesIO())):
+        assert clone.madtp.records == {} and len(clone.madtp._outputs) == 0
+        got, got_report = call(clone, x, "torch", False)
+        assert not mismatches((out, report), (got, got_report))
+    assert madtp.pruning_report(model).keys() == report.keys()   # the original keeps its own
+
+
+def _saved_and_loaded(model, buffer):
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
