@@ -109,8 +109,8 @@ def score_and_prune(x: Tensor, layout: RaggedLayout | Tensor, stats: AttentionSt
     checks.check_floating(x, "x")
     checks.check_sizes(x, "x", (1,), "channels")
     checks.check_same_device(x, "x", layout=device_offsets(layout, "layout"),
-                             received=received, cls=cls, attn_out=attn_out, align_scores=align_scores,
-                             protected=protected)
+                             **{"stats.received": received, "stats.cls": cls}, attn_out=attn_out,
+                             align_scores=align_scores, protected=protected)
     rows = x.shape[0]
     cu, given, offsets = resolve(layout, "layout", rows)
     max_len = given.max_len if given is not None else checks.check_max_len(None, "max_len", offsets)

@@ -251,10 +251,10 @@ class SparseLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None):
         super().__init__()
-        checks.check_int(in_features, "in_features", minimum=GROUP)
+        checks.check_int(in_features, "in_features", minimum=GROUP, maximum=checks.INT32_MAX)
         if in_features % GROUP:
             raise ValueError(f"in_features: expected a multiple of {GROUP} for the 2:4 format, got {in_features}")
-        checks.check_int(out_features, "out_features", minimum=1)
+        checks.check_int(out_features, "out_features", minimum=1, maximum=checks.INT32_MAX)
         checks.check_bool(bias, "bias")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating-point torch.dtype (or None), got {dtype!r}")

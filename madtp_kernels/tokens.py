@@ -206,7 +206,7 @@ def prune_tokens(x: Tensor, cu_seqlens: Tensor | RaggedLayout, scores: Tensor, t
         raise TypeError(f"threshold: expected dtype {scores.dtype} (the dtype of scores), got {threshold.dtype}")
     if tuple(threshold.shape) != (batch,):
         raise ValueError(f"threshold: expected shape ({batch},) (one per sample), got {tuple(threshold.shape)}")
-    checks.check_int(keep_first, "keep_first", minimum=0)
+    checks.check_int(keep_first, "keep_first", minimum=0, maximum=checks.INT32_MAX)
     checks.check_bool(merge, "merge")
     impl = _dispatch.select("prune_tokens", x.device, x.dtype, scores.dtype)
     y, cu_new, kept_index = impl(x.contiguous(), cu_seqlens.contiguous(), scores.contiguous(),
