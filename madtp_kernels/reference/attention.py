@@ -15,7 +15,8 @@ whatever its values. Rows an index never refers to are never read. The CPU flash
 not follow this (the flash kernel returns zeros for a NaN query; padding rows meet other sequences' values in
 the products), so they run only on finite inputs: one reduction over q, k and v per call, read back together
 with the offsets this backend reads anyway (no extra host sync); other inputs take the explicit path.
-(causal=True: the mask is applied to the scores, so a non-finite v row also reaches the queries before it.)
+With causal=True a v row reaches only the queries that see its key (non-finite inputs sum the visible products
+explicitly rather than multiply the hidden ones by 0).
 """
 from __future__ import annotations
 
@@ -111,19 +112,25 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: list[int], cu_seqle
             n = min(rows, lq - r0)
             s = torch.bmm(qs[b].narrow(1, r0, n), kb_t)                # [H, n, lk]
             s.mul_(scale)  # after the product, as the backward does: the two agree to the last bit
+            visible = _causal_mask(n, lq, lk, r0, q.device) if causal else None
             if causal:
-                s.masked_fill_(~_causal_mask(n, lq, lk, r0, q.device), float("-inf"))
+                s.masked_fill_(~visible, float("-inf"))
             row_max = s.amax(-1)
             p = torch.softmax(s, -1, out=s)
             if not finite:
                 empty = row_max == float("-inf")
                 p.masked_fill_(empty[..., None], 0.0)
+                if causal:  # a NaN query's softmax is NaN at the hidden keys too: they must get nothing
+                    p.masked_fill_(~visible, 0.0)
             # softmax puts 1 / sum(exp(s - max)) at the row's maximum, so lse = max - log(max p) without another
             # pass over exp(s); every row here sees a key (_sequences), so max p >= 1 / lk cannot underflow.
             torch.sub(row_max, p.amax(-1).log_(), out=lses[b].narrow(1, r0, n))
             if not finite:
                 lses[b].narrow(1, r0, n).masked_fill_(empty, float("inf"))
-            torch.bmm(p, vb, out=outs[b].narrow(1, r0, n))
+            if causal and not finite:
+                _visible_products(p, vb, visible, outs[b].narrow(1, r0, n))
+            else:
+                torch.bmm(p, vb, out=outs[b].narrow(1, r0, n))
             if return_stats:
                 if r0 == first:
                     torch.sum(p, 1, out=received_s[b])
@@ -131,6 +138,19 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: list[int], cu_seqle
                     received_s[b].add_(p.sum(1))
                 if r0 == 0:  # the sequence's first query sees keys (first == 0): its row is cls
                     cls_s[b].copy_(p[:, 0])
+
+
+def _visible_products(p: Tensor, v: Tensor, visible: Tensor, out: Tensor) -> None:
+    """out = p @ v summed over the visible keys only. p @ v would add 0 * v for the hidden ones, which is NaN
+    where v is not finite; the formula never reads those rows. Forms [H, rows, Lk, D] products in row blocks, so
+    it is only for non-finite inputs."""
+    heads, rows, keys = p.shape
+    step = max(1, _BLOCK_BYTES // max(1, heads * keys * v.shape[-1] * p.element_size()))
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        prod = p[:, r0:r0 + n, :, None] * v[:, None]
+        prod.masked_fill_(~visible[None, r0:r0 + n, :, None], 0.0)
+        torch.sum(prod, 2, out=out[:, r0:r0 + n])
 
 
 # The per-sequence paths pay ~10 small ops per sequence; for many short sequences of similar length one padded,
