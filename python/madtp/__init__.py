@@ -13,6 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "IntegrityError": "integrity",
     "MADTPConfig": "config",
     "alignment_loss": "patch",
     "apply": "patch",

@@ -36,7 +36,7 @@ from madtp_kernels import unpack
 from . import executor, models
 from .alignment import AlignmentTokens
 from .alignment import alignment_loss as _alignment_loss
-from .config import EXECUTIONS, MADTPConfig
+from .config import EXECUTIONS, MADTPConfig, check_temperature
 from .models.spec import OutputLayout, TowerInputs, TowerSpec
 
 ATTRIBUTE = "madtp"
@@ -314,9 +314,7 @@ def set_temperature(model: nn.Module, *, vision: float | None = ..., text: float
     for branch, value in (("vision", vision), ("text", text)):
         if value is ...:
             continue
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
-            raise ValueError(f"{branch}: expected None or a temperature > 0, got {value!r}")
-        state.temperature[branch] = float(value) if value is not None else None
+        state.temperature[branch] = check_temperature(branch, value)  # the one rule MADTPConfig applies
 
 
 @contextlib.contextmanager

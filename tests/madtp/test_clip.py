@@ -244,8 +244,13 @@ def test_bad_input_leaves_model_untouched(clip):
     model = madtp.apply(copy.deepcopy(clip), madtp.MADTPConfig())
     with pytest.raises(ValueError, match="already called"):
         madtp.apply(model, madtp.MADTPConfig())
-    with pytest.raises(ValueError, match="vision: expected None or a temperature > 0"):
+    with pytest.raises(ValueError, match="vision: expected None .*or a finite number > 0"):
         madtp.set_temperature(model, vision=-1.0)
+    with pytest.raises(ValueError, match="text: expected None .*or a finite number > 0"):
+        madtp.set_temperature(model, text=float("nan"))
+    with pytest.raises(TypeError, match="vision: expected None or a number > 0, got bool"):
+        madtp.set_temperature(model, vision=True)  # would prune at 1.0
+    assert model.madtp.temperature["vision"] is not True
     with pytest.raises(ValueError, match="execution"):
         madtp.set_execution(model, "dense")
     with pytest.raises(ValueError, match="prune_layers"):

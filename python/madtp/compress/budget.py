@@ -44,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from madtp_kernels import SparseLinear
 
+from ..config import check_temperature
 from ..patch import _state, find_towers, set_temperature
 from ..train.engine import Callback
 from .hwp import GROUP, _sparse_layers
@@ -331,9 +332,10 @@ def measure_sensitivity(model: nn.Module, calib_batches: Iterable, temperatures:
     branch pruned (model in eval mode, no grad; temperatures and mode restored after). Also fits the cost model
     the TemperatureController uses (table.cost_model)."""
     state = _state(model)
-    temperatures = sorted(float(t) for t in temperatures)
-    if not temperatures or any(not t > 0 for t in temperatures):
-        raise ValueError(f"temperatures: expected a non-empty grid of numbers > 0, got {temperatures}")
+    temperatures = [check_temperature("temperatures", t) for t in temperatures]
+    if not temperatures or None in temperatures:
+        raise ValueError(f"temperatures: expected a non-empty grid of finite numbers > 0, got {temperatures}")
+    temperatures = sorted(temperatures)
     batches = list(calib_batches)
     if not batches:
         raise ValueError("calib_batches: expected at least one batch")
