@@ -108,14 +108,18 @@ def backend_params(op: str):
     return params
 
 
-def backend_dtype_params(op: str, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES):
-    """(backend, device, dtype) triples for `op`, bf16 always included. A dtype the backend refuses stays in, so
+def backend_dtype_params(op: str, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES, *, cpu_bf16: bool = True):
+    """(backend, device, dtype) triples for `op`, bf16 always included on cuda (and on cpu unless `cpu_bf16` is
+    False: for slow interpreter cases whose bf16 adds nothing on CPU). A dtype the backend refuses stays in, so
     that the test asserts the refusal with `run_or_refused`; bf16 tl.dot kernels under the interpreter skip."""
-    dtypes = list(dict.fromkeys([*dtypes, torch.bfloat16]))
+    asked = list(dtypes)
+    dtypes = list(dict.fromkeys([*asked, torch.bfloat16]))
     params = []
     for p in backend_params(op):
         name, device = p.values
         for dtype in dtypes:
+            if dtype == torch.bfloat16 and device == "cpu" and not cpu_bf16 and dtype not in asked:
+                continue
             marks = list(p.marks)
             if not runs_here(name, device, op, dtype):
                 marks.append(pytest.mark.skip(reason="bf16 tl.dot is wrong in Triton's interpreter (AOT-compiled "

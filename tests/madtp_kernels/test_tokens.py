@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backend_params import backend_params
+from backend_params import backend_dtype_params, backend_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -94,8 +94,7 @@ def assert_pruned_matches(out, expected, dtype):
 # ------------------------------------------------------------------ prune_tokens
 
 
-@pytest.mark.parametrize("backend,device", backend_params("prune_tokens"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_params("prune_tokens", (torch.float32, torch.float16)))
 @settings(max_examples=25, deadline=None)
 @given(batch=ragged_batches(), keep_first=st.sampled_from([0, 1, 3, 1000]), merge=st.booleans(),
        zero_scores=st.booleans())
@@ -206,23 +205,24 @@ TILE_CASES = [(TILE_LENGTHS, 24), (TILE_LENGTHS, 65), ([129, 0, 577], 768), ([25
               ([255, 1100], 64)]
 
 
-@pytest.mark.parametrize("backend,device", backend_params("prune_tokens"))
+# bf16 on a GPU; on CPU the interpreter's bf16 adds only time to these long cases.
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_params("prune_tokens", (torch.float16,), cpu_bf16=False))
 @pytest.mark.parametrize("lengths,channels", TILE_CASES, ids=[f"C{c}-{len(n)}" for n, c in TILE_CASES])
 @pytest.mark.parametrize("keep_first,merge", [(1, True), (200, False)])
-def test_prune_tokens_across_tiles(backend, device, lengths, channels, keep_first, merge):
-    x, cu, scores, threshold = make_prune_inputs(lengths, channels, 29, torch.float16, device)
+def test_prune_tokens_across_tiles(backend, device, dtype, lengths, channels, keep_first, merge):
+    x, cu, scores, threshold = make_prune_inputs(lengths, channels, 29, dtype, device)
     with mk.use_backend(backend):
         out = mk.prune_tokens(x, cu, scores, threshold, keep_first=keep_first, merge=merge)
     assert_pruned_matches(out, oracle_prune(x.cpu(), cu.cpu(), scores.cpu(), threshold.cpu(), keep_first, merge),
-                          torch.float16)
+                          dtype)
 
 
-@pytest.mark.parametrize("backend,device", backend_params("pack"))
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_params("pack", (torch.float16,), cpu_bf16=False))
 @pytest.mark.parametrize("lengths,channels", TILE_CASES, ids=[f"C{c}-{len(n)}" for n, c in TILE_CASES])
-def test_pack_unpack_across_tiles(backend, device, lengths, channels):
+def test_pack_unpack_across_tiles(backend, device, dtype, lengths, channels):
     g = torch.Generator().manual_seed(31)
     n = max(lengths) + 3
-    x = torch.randn(len(lengths), n, channels, generator=g).to(torch.float16)
+    x = torch.randn(len(lengths), n, channels, generator=g).to(dtype)
     # A random mask with each sample's count fixed by `lengths`, so counts sit on the tile bounds.
     order = torch.rand(len(lengths), n, generator=g).argsort(1)
     mask = order < torch.tensor(lengths)[:, None]
@@ -248,8 +248,7 @@ def test_prune_tokens_opcheck(backend, device):
 # ------------------------------------------------------------------ pack / unpack
 
 
-@pytest.mark.parametrize("backend,device", backend_params("pack"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_params("pack", (torch.float32, torch.float16)))
 @settings(max_examples=20, deadline=None)
 @given(batch=ragged_batches(), use_mask=st.booleans(), extra_dims=st.sampled_from([(), (2,), (3, 2)]))
 def test_pack_unpack_roundtrip(backend, device, dtype, batch, use_mask, extra_dims):
