@@ -120,9 +120,10 @@ def test_fp16_tolerance_rejects_fp16_accumulation():
 
 @pytest.mark.parametrize("backend,device,dtype", backend_dtype_params("sparse_linear"))
 @settings(max_examples=12, deadline=None)
+# (64, 128), (16, 16) and (48, 96) are the shapes the cuda backend takes (multiples of 16); it must refuse the rest.
 @given(rows_shape=st.sampled_from([(0,), (1,), (5,), (33,), (2, 3, 4)]),
-       features=st.sampled_from([(8, 8), (24, 40), (64, 128), (96, 200), (7, 16)]), with_bias=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
+       features=st.sampled_from([(8, 8), (24, 40), (64, 128), (96, 200), (7, 16), (16, 16), (48, 96)]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_matches_float64(backend, device, dtype, rows_shape, features, with_bias, seed):
     with run_or_refused(backend, device, "sparse_linear", dtype, features=features):
         check_linear(backend, device, dtype, rows_shape, *features, with_bias, seed)

@@ -94,7 +94,10 @@ def assert_pruned_matches(out, expected, dtype):
 # ------------------------------------------------------------------ prune_tokens
 
 
-@pytest.mark.parametrize("backend,device,dtype", backend_dtype_params("prune_tokens", (torch.float32, torch.float16)))
+# bf16 on a GPU only: Triton's interpreter truncates fp32 -> bf16 stores (0.061942 -> 0.061768, not the nearest
+# 0.062012), one ulp past the merged row's round-once bound; cvt.rn on a GPU rounds to nearest.
+@pytest.mark.parametrize("backend,device,dtype",
+                         backend_dtype_params("prune_tokens", (torch.float32, torch.float16), cpu_bf16=False))
 @settings(max_examples=25, deadline=None)
 @given(batch=ragged_batches(), keep_first=st.sampled_from([0, 1, 3, 1000]), merge=st.booleans(),
        zero_scores=st.booleans())
