@@ -66,9 +66,10 @@ ATT_LENGTHS = [5, 0, 70, 3, 1]   # 70 keys: whole key blocks (no mask) as well a
 ATT_TOL = dict(atol=2e-5, rtol=1e-5)
 
 
-def attention_oracle(q, k, v, lengths, scale):
-    """(out [T, H, D], received [T, H], cls [T, H]) in float64. p = softmax over the sequence's keys, with
-    p = 0 on a row whose scores are all -inf; out = sum_j p_j v_j elementwise (0 * NaN = NaN)."""
+def attention_oracle(q, k, v, lengths, scale, causal=False):
+    """(out [T, H, D], received [T, H], cls [T, H]) in float64. p = softmax over the keys a query sees (all of
+    its sequence's, or j <= i if causal), with p = 0 on a row whose scores are all -inf; out = sum over the
+    visible keys of p_j v_j elementwise (0 * NaN = NaN for a visible key; a hidden key is never read)."""
     q, k, v = (t.double() for t in (q, k, v))
     out, received, cls = torch.zeros_like(q), torch.zeros(k.shape[:2], dtype=torch.float64), None
     cls = torch.zeros_like(received)
@@ -79,10 +80,15 @@ def attention_oracle(q, k, v, lengths, scale):
             continue
         qb, kb, vb = q[lo:hi].transpose(0, 1), k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)  # [H, L, D]
         scores = (qb[:, :, None, :] * kb[:, None, :, :]).sum(-1) * scale                            # [H, L, L]
+        n = hi - lo
+        visible = torch.ones(n, n, dtype=torch.bool).tril() if causal else torch.ones(n, n, dtype=torch.bool)
+        scores = torch.where(visible, scores, -INF)
         m = scores.amax(-1, keepdim=True)
         e = torch.exp(scores - m)
         p = torch.where(m == -INF, 0.0, e / e.sum(-1, keepdim=True))
-        out[lo:hi] = (p[..., None] * vb[:, None, :, :]).sum(2).transpose(0, 1)
+        p = torch.where(visible, p, 0.0)  # a NaN row's softmax is NaN everywhere; hidden keys get nothing
+        terms = torch.where(visible[None, :, :, None], p[..., None] * vb[:, None, :, :], 0.0)
+        out[lo:hi] = terms.sum(2).transpose(0, 1)
         received[lo:hi] = p.sum(1).transpose(0, 1)
         cls[lo:hi] = p[:, 0, :].transpose(0, 1)
     return out, received, cls
@@ -136,6 +142,38 @@ def test_varlen_attention(backend, device, case, value, stats, indexed):
         got = mk.varlen_attention(*(t.to(device) for t in args), cu(ATT_LENGTHS).to(device), scale=scale,
                                   return_stats=stats,
                                   **{n: t.to(device) for n, t in kwargs.items()})
+    out, st = got if stats else (got, None)
+    same(out, want[0], msg=msg + " (out)", **ATT_TOL)
+    if stats:
+        same(st.received, want[1], msg=msg + " (received)", **ATT_TOL)
+        same(st.cls, want[2], msg=msg + " (cls)", **ATT_TOL)
+
+
+CAUSAL_CASES = [(case, value) for case in ("q", "k", "v") for value in (NAN, INF, -INF)]
+
+
+@pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
+@pytest.mark.parametrize("case,value", CAUSAL_CASES, ids=[f"{c}={v}" for c, v in CAUSAL_CASES])
+@pytest.mark.parametrize("stats", [False, True], ids=["out", "stats"])
+def test_varlen_attention_causal(backend, device, case, value, stats):
+    """causal=True: a value reaches only what the mask lets read it. A v row j must not reach the queries
+    before j (in the same key block as well as in earlier ones), a q row not the statistics of later keys."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    heads, dim = 2, 16
+    rows = sum(ATT_LENGTHS)
+    q, k, v = (torch.randn(rows, heads, dim, generator=g) for _ in range(3))
+    b = bounds(ATT_LENGTHS)
+    seq = 2  # the 70-row sequence: rows before and after the value share its block and fill whole blocks
+    row = b[seq] + int(torch.randint(1, ATT_LENGTHS[seq] - 1, (1,), generator=g))
+    h, d = int(torch.randint(0, heads, (1,), generator=g)), int(torch.randint(0, dim, (1,), generator=g))
+    {"q": q, "k": k, "v": v}[case][row, h, d] = value
+    scale = dim ** -0.5
+    want = attention_oracle(q, k, v, ATT_LENGTHS, scale, causal=True)
+    msg = f"seed {seed}, causal, case {case}={value} at row {row} head {h} dim {d}"
+    with mk.use_backend(backend):
+        got = mk.varlen_attention(q.to(device), k.to(device), v.to(device), cu(ATT_LENGTHS).to(device),
+                                  scale=scale, causal=True, return_stats=stats)
     out, st = got if stats else (got, None)
     same(out, want[0], msg=msg + " (out)", **ATT_TOL)
     if stats:
