@@ -154,6 +154,8 @@ def batches(draw, max_batch=5):
 
 
 PARAMS = backend_params("score_and_prune")
+# fp32 everywhere, and bf16 on a GPU (bf16 runs on CPU in test_matches_oracle).
+GPU_BF16_PARAMS = backend_dtype_params("score_and_prune", (torch.float32,), cpu_bf16=False)
 
 
 @pytest.mark.parametrize("backend,device,dtype",
@@ -169,32 +171,32 @@ def test_matches_oracle(backend, device, dtype, case, tau, merge):
         check_against_oracle(out, case["lengths"], inputs, tau, merge)
 
 
-@pytest.mark.parametrize("backend,device", PARAMS)
-def test_constant_terms_drop_every_candidate(backend, device):
+@pytest.mark.parametrize("backend,device,dtype", GPU_BF16_PARAMS)
+def test_constant_terms_drop_every_candidate(backend, device, dtype):
     # All terms equal: every TIS is 0 and theta is 0, a tie that "TIS > theta" must break by dropping.
     lengths = [4, 1, 0, 7]
-    inputs = make_inputs(lengths, constant=True)
+    inputs = make_inputs(lengths, constant=True, dtype=dtype)
     out = run(backend, device, *inputs, 1.0, True)
     assert out.layout.lengths() == [2, 1, 0, 2]          # first row + merged row; a lone first row stays alone
     assert out.kept_index.cpu().tolist() == [0, -1, 4, 5, -1]
     check_against_oracle(out, lengths, inputs, 1.0, True)
 
 
-@pytest.mark.parametrize("backend,device", PARAMS)
-def test_long_sample_many_alignment_tokens(backend, device):
+@pytest.mark.parametrize("backend,device,dtype", GPU_BF16_PARAMS)
+def test_long_sample_many_alignment_tokens(backend, device, dtype):
     # Longer than every token tile and K past every alignment-token tile of the kernels.
     lengths = [1100, 3, 0, 257]
-    inputs = make_inputs(lengths, channels=130, heads=2, head_dim=16, tokens=256, seed=7, protect=0.05)
+    inputs = make_inputs(lengths, channels=130, heads=2, head_dim=16, tokens=256, seed=7, protect=0.05, dtype=dtype)
     out = run(backend, device, *inputs, 0.5, True)
     check_against_oracle(out, lengths, inputs, 0.5, True)
 
 
-@pytest.mark.parametrize("backend,device", PARAMS)
-def test_sharp_softmax_across_token_tiles(backend, device):
+@pytest.mark.parametrize("backend,device,dtype", GPU_BF16_PARAMS)
+def test_sharp_softmax_across_token_tiles(backend, device, dtype):
     # tau = 1e-3 turns alignment gaps of ~0.1 into exponents past fp32's range: a softmax over token tiles
     # that does not carry its running max across tiles overflows.
     lengths = [300, 5, 0, 140]
-    inputs = make_inputs(lengths, channels=9, tokens=37, seed=13, protect=0.1)
+    inputs = make_inputs(lengths, channels=9, tokens=37, seed=13, protect=0.1, dtype=dtype)
     out = run(backend, device, *inputs, 1e-3, True)
     check_against_oracle(out, lengths, inputs, 1e-3, True)
 
