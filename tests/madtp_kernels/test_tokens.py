@@ -251,7 +251,9 @@ def test_prune_tokens_opcheck(backend, device):
 # ------------------------------------------------------------------ pack / unpack
 
 
-@pytest.mark.parametrize("backend,device,dtype", backend_dtype_params("pack", (torch.float32, torch.float16)))
+# bf16 on a GPU only: Triton's interpreter has no bf16 constant for unpack's pad value (InterpreterBuilder.get_bf16).
+@pytest.mark.parametrize("backend,device,dtype",
+                         backend_dtype_params("pack", (torch.float32, torch.float16), cpu_bf16=False))
 @settings(max_examples=20, deadline=None)
 @given(batch=ragged_batches(), use_mask=st.booleans(), extra_dims=st.sampled_from([(), (2,), (3, 2)]))
 def test_pack_unpack_roundtrip(backend, device, dtype, batch, use_mask, extra_dims):
