@@ -56,6 +56,14 @@ void test_scalar_functions() {
   CHECK(std::fabs(madtp::stats_prob(7.0f, madtp::softmax_lse(7.0f, 4.0f), true) - 0.25f) <= 1e-6f);
   CHECK(madtp::mask_score(2.0f, false) == -kInf);
   CHECK(madtp::mask_score(2.0f, true) == 2.0f);
+  // Visible non-finite v terms: p > 0 keeps the value, p = 0 or NaN gives NaN (0 * inf); hidden ones add 0.
+  CHECK(madtp::pv_nonfinite_term(0.5f, kInf, true) == kInf && madtp::pv_nonfinite_term(0.5f, -kInf, true) == -kInf);
+  CHECK(std::isnan(madtp::pv_nonfinite_term(0.0f, kInf, true)) && std::isnan(madtp::pv_nonfinite_term(0.5f, NAN, true)));
+  CHECK(madtp::pv_nonfinite_term(0.0f, NAN, false) == 0.0f && madtp::pv_nonfinite_term(0.5f, 3.0f, true) == 0.0f);
+  CHECK(madtp::pv_operand(NAN) == 0.0f && madtp::pv_operand(-kInf) == 0.0f && madtp::pv_operand(2.0f) == 2.0f);
+  // Query block 0 against key block 0 of a 100 x 100 causal sequence hides keys; key block 0 of queries 64.. not.
+  CHECK(madtp::tile_hides_keys(0, 0, kBlockN, 100, 100, true) && !madtp::tile_hides_keys(64, 0, kBlockN, 100, 100, true));
+  CHECK(!madtp::tile_hides_keys(0, 0, kBlockN, 100, 100, false));
 }
 
 void test_mask_and_ranges() {
@@ -188,11 +196,18 @@ Result tiled_attention(const Problem& pb) {
         const float alpha = madtp::online_softmax_update(row_max, tile_max);
         row_sum *= alpha;
         for (float& a : acc) a *= alpha;
+        // The kernel's P V runs over every real key of the tile, hidden ones included (p = 0); a tile that
+        // hides keys takes the finite part of v and adds the visible non-finite terms apart.
+        const bool diagonal = madtp::tile_hides_keys(m0, n0, kBlockN, lq, lk, pb.causal);
         for (int64_t c = 0; c < kBlockN; ++c) {
           const float p = madtp::softmax_prob(s[c], row_max);
           row_sum += p;
           if (n0 + c < lk) {
-            for (int64_t e = 0; e < d; ++e) acc[e] += p * pb.v[(k0 + n0 + c) * d + e];
+            const bool visible = key_visible(i, n0 + c, lq, lk, pb.causal);
+            for (int64_t e = 0; e < d; ++e) {
+              const float x = pb.v[(k0 + n0 + c) * d + e];
+              acc[e] += diagonal ? p * madtp::pv_operand(x) + madtp::pv_nonfinite_term(p, x, visible) : p * x;
+            }
           }
         }
       }
@@ -247,6 +262,7 @@ Result reference_attention(const Problem& pb) {
       for (int64_t j = 0; j < lk; ++j) sum += std::exp(s[j] - mx);
       res.lse[q0 + i] = mx + std::log(sum);
       for (int64_t j = 0; j < lk; ++j) {
+        if (pb.causal && j > i + lk - lq) continue;  // a hidden key is never read (its v may be NaN)
         const double p = std::exp(s[j] - mx) / sum;
         for (int64_t e = 0; e < d; ++e) res.out[(q0 + i) * d + e] += p * pb.v[(k0 + j) * d + e];
         res.received[k0 + j] += p;
@@ -263,6 +279,7 @@ bool close(const std::vector<double>& got, const std::vector<double>& want, doub
            const char* shape) {
   for (size_t n = 0; n < want.size(); ++n) {
     if (got[n] == want[n]) continue;  // exact, including the +inf LSE of a query without keys
+    if (std::isnan(got[n]) && std::isnan(want[n])) continue;
     if (!(std::fabs(got[n] - want[n]) <= tol * (1.0 + std::fabs(want[n])))) {  // also catches NaN
       std::fprintf(stderr, "%s [%s] element %zu: got %.9g, expected %.9g (tol %.3g)\n", what, shape, n, got[n],
                    want[n], tol);
@@ -273,7 +290,7 @@ bool close(const std::vector<double>& got, const std::vector<double>& want, doub
 }
 
 void run_case(std::mt19937& rng, const std::vector<int64_t>& lq, const std::vector<int64_t>& lk, bool causal,
-              float score_magnitude) {
+              float score_magnitude, float v_value = 0.0f) {
   Problem pb;
   pb.d = 32;
   pb.causal = causal;
@@ -289,6 +306,9 @@ void run_case(std::mt19937& rng, const std::vector<int64_t>& lq, const std::vect
     for (int64_t n = 0; n < rows * pb.d; ++n) buf->push_back(normal(rng));
   }
   for (int64_t n = 0; n < pb.cu_k.back() * pb.d; ++n) pb.v.push_back(normal(rng));
+  if (v_value != 0.0f && !pb.v.empty()) {  // one non-finite v entry at a random key and dim
+    pb.v[std::uniform_int_distribution<size_t>(0, pb.v.size() - 1)(rng)] = v_value;
+  }
   // Scores q.k * scale have a standard deviation of ~score_magnitude.
   pb.scale = score_magnitude / std::sqrt(static_cast<float>(pb.d));
 
@@ -296,8 +316,9 @@ void run_case(std::mt19937& rng, const std::vector<int64_t>& lq, const std::vect
   const Result want = reference_attention(pb);
   const double tol = 5e-7 * (1.0 + 8.0 * score_magnitude);
   char shape[160];
-  std::snprintf(shape, sizeof shape, "B=%zu lq0=%lld lk0=%lld causal=%d magnitude=%g", lq.size(),
-                static_cast<long long>(lq[0]), static_cast<long long>(lk[0]), causal ? 1 : 0, score_magnitude);
+  std::snprintf(shape, sizeof shape, "B=%zu lq0=%lld lk0=%lld causal=%d magnitude=%g v=%g", lq.size(),
+                static_cast<long long>(lq[0]), static_cast<long long>(lk[0]), causal ? 1 : 0, score_magnitude,
+                v_value);
   if (!close(got.out, want.out, tol, "out", shape) || !close(got.received, want.received, tol * 4, "received", shape) ||
       !close(got.cls, want.cls, tol, "cls", shape) ||
       !close(got.lse, want.lse, tol * (1.0 + score_magnitude), "lse", shape)) {
@@ -331,6 +352,17 @@ void test_tiled_attention(std::mt19937& rng) {
   }
 }
 
+// A NaN / +inf / -inf in v reaches exactly the queries that see its key: with causal masking not the earlier
+// queries of its own key block (the diagonal tiles), in self and cross attention.
+void test_nonfinite_v(std::mt19937& rng) {
+  const float values[] = {std::numeric_limits<float>::quiet_NaN(), kInf, -kInf};
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t lq = std::uniform_int_distribution<int64_t>(1, 150)(rng);
+    const int64_t lk = trial % 2 ? lq : std::uniform_int_distribution<int64_t>(1, 150)(rng);
+    run_case(rng, {lq}, {lk}, trial % 4 != 3, 1.0f, values[trial % 3]);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -339,5 +371,6 @@ int main() {
   test_mask_and_ranges();
   test_work_list(rng);
   test_tiled_attention(rng);
+  test_nonfinite_v(rng);
   return madtp_test::report("test_attention_math");
 }

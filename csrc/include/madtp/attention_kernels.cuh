@@ -216,6 +216,48 @@ __global__ void __launch_bounds__(kTileThreads) build_tiles_kernel(const TileLis
 
 // ---- forward ----------------------------------------------------------------------------------------------
 
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Adds to this lane's O fragments (rows qi[0], qi[1]; columns dt * 8 + 2 t + 0..1) the terms p * v of the
+// visible keys of the tile whose v is not finite. Row g's probabilities are spread over its quad (lane t
+// holds keys nt * 8 + 2 t + 0..1): each one is fetched with a shuffle. Rare path: only tiles with such a v.
+template <typename T, int D>
+__device__ __forceinline__ void nonfinite_pv(float (&o)[D / 8][4], const float (&s)[kBlockN / 8][4], const T* sV,
+                                          const int64_t (&qi)[2], int64_t n0, int64_t n_rows, int64_t lq,
+                                          int64_t lk, int lane) {
+  const int t4 = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < kBlockN / 8; ++nt) {
+#pragma unroll
+    for (int src = 0; src < 4; ++src) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int c = nt * 8 + src * 2 + e2;  // key within the tile
+        const float pr[2] = {__shfl_sync(0xffffffffu, s[nt][e2], (lane & ~3) | src),
+                             __shfl_sync(0xffffffffu, s[nt][2 + e2], (lane & ~3) | src)};
+        if (c >= n_rows) continue;
+        const bool vis[2] = {key_visible(qi[0], n0 + c, lq, lk, true), key_visible(qi[1], n0 + c, lq, lk, true)};
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float x = to_float(sV[c * smem_stride<D>() + dt * 8 + t4 * 2 + e]);
+            o[dt][e] += pv_nonfinite_term(pr[0], x, vis[0]);
+            o[dt][2 + e] += pv_nonfinite_term(pr[1], x, vis[1]);
+          }
+        }
+      }
+    }
+  }
+}
+
 template <typename T, int D>
 __host__ __device__ constexpr int fwd_smem_bytes() { return (kBlockM + 2 * kBlockN) * smem_stride<D>() * static_cast<int>(sizeof(T)); }
 
@@ -341,6 +383,21 @@ __global__ void __launch_bounds__(kThreads) varlen_attention_fwd_kernel(const Pa
       const int64_t n1 = n0 + kBlockN;
       load_rows<T, D>(sK, k, p.kv_index, k_start, n1, lk - n1 < kBlockN ? lk - n1 : kBlockN, p.heads, h);
       cp_async_commit();
+    }
+    // A causal diagonal tile multiplies hidden keys' v by p = 0: with a non-finite v there (rare; uniform
+    // test), add the visible non-finite terms here and feed the mma the finite part of V.
+    if (tile_hides_keys(m0, n0, kBlockN, lq, lk, p.causal)) {
+      bool bad = false;
+      for (int c = threadIdx.x; c < n_rows * D; c += kThreads) bad |= !std::isfinite(to_float(sV[(c / D) * kStride + c % D]));
+      if (__syncthreads_or(bad)) {
+        nonfinite_pv<T, D>(o, s, sV, qi, n0, n_rows, lq, lk, lane);
+        __syncthreads();  // every warp has read V's non-finite entries
+        for (int c = threadIdx.x; c < n_rows * D; c += kThreads) {
+          T& x = sV[(c / D) * kStride + c % D];
+          if (!std::isfinite(to_float(x))) x = from_float<T>(0.0f);
+        }
+        __syncthreads();
+      }
     }
 
 #pragma unroll

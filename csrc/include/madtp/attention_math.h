@@ -73,6 +73,26 @@ MADTP_HD float softmax_lse(float row_max, float row_sum) {
 // looked at).
 MADTP_HD float stats_prob(float s2, float lse, bool visible) { return visible ? exp2f(s2 - lse * kLog2e) : 0.0f; }
 
+// ---- P V on causal diagonal tiles ----------------------------------------------------------------------------
+// The output sums p * v over the visible keys only (0 * NaN = NaN for a visible key; a hidden key is never
+// read). The tensor-core P V of a tile also multiplies the hidden keys' v by p = 0, so a tile that hides keys
+// and holds a non-finite v feeds the mma the finite part of v (pv_operand) and adds each visible non-finite
+// term separately (pv_nonfinite_term): inf + -inf and NaN then propagate exactly as in the formula.
+
+// Whether a causal tile of queries [m0, ..) and keys [n0, n0 + block_n) hides a real key from one of its
+// real queries (the first query of the tile sees the fewest keys).
+MADTP_HD bool tile_hides_keys(int64_t m0, int64_t n0, int64_t block_n, int64_t lq, int64_t lk, bool causal) {
+  const int64_t last_key = (n0 + block_n < lk ? n0 + block_n : lk) - 1;
+  return causal && last_key > m0 + lk - lq;
+}
+
+MADTP_HD float pv_operand(float v) { return std::isfinite(v) ? v : 0.0f; }
+
+// p * v for a visible non-finite v (p = 0 or NaN gives NaN, as 0 * inf does), 0 otherwise.
+MADTP_HD float pv_nonfinite_term(float p, float v, bool visible) {
+  return visible && !std::isfinite(v) ? (p > 0.0f ? v : NAN) : 0.0f;
+}
+
 // ---- work list: one tile per (sequence, block of rows) -------------------------------------------------
 
 MADTP_HD int64_t num_blocks(int64_t len, int64_t block) { return len > 0 ? ceil_div(len, block) : 0; }
