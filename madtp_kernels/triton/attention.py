@@ -199,31 +199,6 @@ def _key_range(m_start, k_len, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _visible_pv(p, v, visible):
-    """sum_j p[i, j] * v[j, d] over the visible j only, with IEEE rules for a non-finite v (0 * inf = NaN).
-
-    A plain dot(p, v) adds 0 * NaN from the hidden keys of a diagonal tile. The finite part of v goes through
-    the dot; each output element's non-finite visible terms are counted by one exact fp32 dot of codes:
-    row code 1 where p > 0, 2^16 where p is 0 or NaN (visible); v code 1 for +inf, 2^8 for -inf, 2^16 for
-    NaN. A count >= 2^16 means a NaN term; below, count % 2^8 are +inf terms and count // 2^8 -inf terms
-    (BLOCK_N < 2^8, so both stay exact).
-    """
-    finite = (v == v) & (tl.abs(v) != float("inf"))
-    out = tl.dot(p.to(v.dtype), tl.where(finite, v, 0.0), input_precision="ieee")
-    if tl.max(tl.max(tl.where(finite, 0, 1), axis=1), axis=0) > 0:  # rare: skip the count otherwise
-        rows = tl.where(visible, tl.where(p > 0.0, 1.0, 65536.0), 0.0)
-        codes = tl.where(finite, 0.0, tl.where(v == float("inf"), 1.0, tl.where(v == float("-inf"), 256.0,
-                                                                                  65536.0)))
-        count = tl.dot(rows, codes, input_precision="ieee")
-        neg = tl.floor(count * 0.00390625)
-        pos = count - neg * 256.0
-        special = tl.where(neg > 0.0, float("-inf"), 0.0) + tl.where(pos > 0.0, float("inf"), 0.0)
-        special = tl.where(count >= 65536.0, float("nan"), special)
-        out += special  # +inf + -inf is NaN, as is an earlier tile's +inf plus this one's -inf
-    return out
-
-
-@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, kv_index_ptr, k_start, k_len, h, H, qk_scale, offs_m, diag,
                n_lo, n_hi, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -248,10 +223,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptr, v_ptr, kv_index_ptr, k_start, k_len, h, 
         p = tl.math.exp2(s - m_ref[:, None])
         alpha = tl.math.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if MASKED and CAUSAL:
-            acc = acc * alpha[:, None] + _visible_pv(p, v, allowed)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     return acc, m_i, l_i
 
