@@ -149,6 +149,46 @@ def test_varlen_attention(backend, device, case, value, stats, indexed):
         same(st.cls, want[2], msg=msg + " (cls)", **ATT_TOL)
 
 
+CAUSAL_CASES = [(case, value) for case in ("q", "k", "v") for value in (NAN, INF, -INF)]
+
+
+@pytest.mark.parametrize("backend,device", backend_params("varlen_attention"))
+@pytest.mark.parametrize("case,value", CAUSAL_CASES, ids=[f"{c}={v}" for c, v in CAUSAL_CASES])
+@pytest.mark.parametrize("stats", [False, True], ids=["out", "stats"])
+def test_varlen_attention_causal(backend, device, case, value, stats, request):
+    """causal=True: a value reaches only what the mask lets read it. A v row j must not reach the queries
+    before j (in the same key block as well as in earlier ones), a q row not the statistics of later keys."""
+    if backend == "triton" and case == "v":
+        # Known gap (README "Non-finite values"): the Triton forward's diagonal tile multiplies the hidden keys'
+        # v by p = 0. An exact tile (the visible non-finite terms counted apart) spilled on sm_80. Strict: a fix
+        # shows up here as a failure to remove this mark.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton causal: a non-finite v row reaches the "
+                                                                  "earlier queries of its key block"))
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    heads, dim = 2, 16
+    rows = sum(ATT_LENGTHS)
+    q, k, v = (torch.randn(rows, heads, dim, generator=g) for _ in range(3))
+    b = bounds(ATT_LENGTHS)
+    seq = 2  # the 70-row sequence: whole key blocks and a ragged tail
+    # in the first 64 rows, never a multiple of 16 (a block start for every tile size): the block holding the
+    # value also holds queries the mask hides it from
+    row = b[seq] + 16 * int(torch.randint(0, 4, (1,), generator=g)) + int(torch.randint(1, 16, (1,), generator=g))
+    h, d = int(torch.randint(0, heads, (1,), generator=g)), int(torch.randint(0, dim, (1,), generator=g))
+    {"q": q, "k": k, "v": v}[case][row, h, d] = value
+    scale = dim ** -0.5
+    want = attention_oracle(q, k, v, ATT_LENGTHS, scale, causal=True)
+    msg = f"seed {seed}, causal, case {case}={value} at row {row} head {h} dim {d}"
+    with mk.use_backend(backend):
+        got = mk.varlen_attention(q.to(device), k.to(device), v.to(device), cu(ATT_LENGTHS).to(device),
+                                  scale=scale, causal=True, return_stats=stats)
+    out, st = got if stats else (got, None)
+    same(out, want[0], msg=msg + " (out)", **ATT_TOL)
+    if stats:
+        same(st.received, want[1], msg=msg + " (received)", **ATT_TOL)
+        same(st.cls, want[2], msg=msg + " (cls)", **ATT_TOL)
+
+
 # ------------------------------------------------------------------ pack / unpack
 
 @pytest.mark.parametrize("backend,device", backend_params("pack"))
