@@ -242,8 +242,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     # The CPU flash kernel is the fastest way to out and lse for fp32. For half inputs its lse is ~3e-5 off an
     # fp32 recomputation (5e-7 for fp32 inputs), which the backward's P = exp(s - lse) would inherit; its fp16 path
     # also measured 2.5x slower than upcasting here (bf16 1.2x faster). So half inputs, and all stats, take the
-    # explicit fp32 path; so do non-finite inputs (module docstring).
-    flash = q.device.type == "cpu" and not return_stats and sdt == q.dtype and finite
+    # explicit fp32 path; so do non-finite inputs (module docstring), and causal calls with scale <= 0 (the
+    # kernel then scales its -inf mask into NaN or +inf).
+    flash = (q.device.type == "cpu" and not return_stats and sdt == q.dtype and finite
+             and (scale > 0 or not causal))
     out = q.new_empty(q.shape, dtype=q.dtype if flash else sdt)
     lse = torch.empty((q.shape[0], heads), dtype=sdt, device=q.device)
     # Every row a sequence computes is written; only the rows none does (queries without keys) are filled here.

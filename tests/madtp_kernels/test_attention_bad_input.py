@@ -106,7 +106,8 @@ def test_a_meta_layout_is_refused_when_made():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale", [-0.7, 0.0, 3])
-def test_any_finite_scale_is_the_formula(backend, scale):
+@pytest.mark.parametrize("causal", [False, True])
+def test_any_finite_scale_is_the_formula(backend, scale, causal):
     # Zero and negative scales are a softmax like any other (uniform, reversed): the float64 oracle's answer.
     from attention_oracle import oracle_attention
 
@@ -114,6 +115,6 @@ def test_any_finite_scale_is_the_formula(backend, scale):
     q, k, v = (torch.randn(9, 2, 16, generator=g) for _ in range(3))
     cu = torch.tensor([0, 4, 9], dtype=I32)
     with mk.use_backend(backend):
-        out = mk.varlen_attention(q, k, v, cu, scale=scale)
-    want, _, _ = oracle_attention(q, k, v, cu, cu, scale=float(scale), causal=False)
+        out = mk.varlen_attention(q, k, v, cu, scale=scale, causal=causal)
+    want, _, _ = oracle_attention(q, k, v, cu, cu, scale=float(scale), causal=causal)
     torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
