@@ -121,7 +121,7 @@ def add_files(directory: str | os.PathLike, names: Iterable[str]) -> None:
     The manifest is rewritten atomically."""
     directory = Path(directory)
     path = directory / MANIFEST
-    meta = _read_manifest(path)
+    meta = _read_json_object(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} has no file hashes to add to (save the model "
                          f"again with madtp.serialization.save)")
@@ -145,7 +145,7 @@ def add_files(directory: str | os.PathLike, names: Iterable[str]) -> None:
         raise
 
 
-def _read_manifest(path: Path) -> dict:
+def _read_json_object(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -225,14 +225,7 @@ def _read_config(directory: Path, cls_hint: str | None):
     from transformers import AutoConfig
 
     path = directory / CONFIG_FILE
-    try:   # read it first ourselves: AutoConfig's errors on a bad file are long and name no field
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a JSON {type(doc).__name__}")
+    _read_json_object(path)  # read it first ourselves: AutoConfig's errors on a bad file are long and name no field
     try:
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, *_HF_CONFIG_ERRORS) as e:
@@ -259,7 +252,7 @@ def load(directory: str | os.PathLike) -> nn.Module:
     meta = {"sparse_layers": [], "madtp": None}
     manifest = directory / MANIFEST
     if manifest.is_file():
-        meta = _read_manifest(manifest)
+        meta = _read_json_object(manifest)
         _check_manifest(directory, meta)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
