@@ -28,6 +28,9 @@ BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, 
 class AttentionStats(NamedTuple):
     received: Tensor  # [Tk, H] fp32: sum over the sequence's queries of the probability given to key j
     cls: Tensor       # [Tk, H] fp32: the probability the sequence's first query gives to key j
+    # [Tk] fp32 or None: sum over the sequence's queries other than its first of the largest probability any
+    # head gives key j (the received term of the official MADTP importance); only where asked for
+    headmax: Tensor | None = None
 
 
 def _triton():

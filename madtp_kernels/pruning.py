@@ -99,7 +99,9 @@ def score_and_prune(x: Tensor, layout: RaggedLayout | Tensor, stats: AttentionSt
     """
     for name, t in (("x", x), ("attn_out", attn_out), ("align_scores", align_scores)):
         checks.check_tensor(t, name)
-    if isinstance(stats, AttentionStats) or (isinstance(stats, tuple) and len(stats) == 2):
+    if isinstance(stats, AttentionStats):
+        received, cls = stats.received, stats.cls
+    elif isinstance(stats, tuple) and len(stats) == 2:
         received, cls = stats
     else:
         raise TypeError(f"stats: expected AttentionStats(received, cls), got {type(stats).__name__}")
