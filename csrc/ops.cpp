@@ -29,7 +29,7 @@ TORCH_LIBRARY_FRAGMENT(madtp_kernels, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("varlen_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? q_index, Tensor? kv_index, "
-        "bool return_stats) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool return_stats, bool headmax_stats) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_archs() -> str");
   m.impl("cuda_archs", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(cuda_archs));
   m.def("cusparselt_version() -> int");

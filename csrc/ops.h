@@ -31,12 +31,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& attn_out, const at::Tensor& align, double temperature,
     const std::optional<at::Tensor>& protected_rows, bool merge, int64_t max_len);
 
-// Returns (out [Tq, H, D], received [Tk, H], cls [Tk, H], lse [Tq, H]); the statistics are [0, H] unless
-// return_stats; lse (natural log, +inf for a query without keys) is always returned, for the backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda(
+// Returns (out [Tq, H, D], received [Tk, H], cls [Tk, H], lse [Tq, H], headmax [Tk]); the statistics are
+// [0, H] unless return_stats, headmax [0] unless headmax_stats; lse (natural log, +inf for a query without keys)
+// is always returned, for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
-    const std::optional<at::Tensor>& q_index, const std::optional<at::Tensor>& kv_index, bool return_stats);
+    const std::optional<at::Tensor>& q_index, const std::optional<at::Tensor>& kv_index, bool return_stats,
+    bool headmax_stats);
 
 // Version of the cuSPARSELt library actually loaded, encoded like CUSPARSELT_VERSION (major*1000 + minor*100 + patch).
 int64_t cusparselt_version();
