@@ -25,8 +25,8 @@ TORCH_LIBRARY_FRAGMENT(madtp_kernels, m) {
   m.def("prune_tokens_cuda(Tensor x, Tensor cu_seqlens, Tensor scores, Tensor threshold, int keep_first, "
         "bool merge) -> (Tensor, Tensor, Tensor)");
   m.def("score_and_prune_cuda(Tensor x, Tensor cu_seqlens, Tensor received, Tensor cls, Tensor attn_out, "
-        "Tensor align, float temperature, Tensor? protected, bool merge, int max_len) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor align, float temperature, Tensor? protected, bool merge, int max_len, Tensor? headmax=None, "
+        "str importance=\"minmax\") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("varlen_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? q_index, Tensor? kv_index, "
         "bool return_stats, bool headmax_stats) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -29,7 +29,8 @@ void prune_compact_cuda(const at::Tensor& x, const at::Tensor& cu_seqlens, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_and_prune_cuda(
     const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& received, const at::Tensor& cls,
     const at::Tensor& attn_out, const at::Tensor& align, double temperature,
-    const std::optional<at::Tensor>& protected_rows, bool merge, int64_t max_len);
+    const std::optional<at::Tensor>& protected_rows, bool merge, int64_t max_len,
+    const std::optional<at::Tensor>& headmax, c10::string_view importance);
 
 // Returns (out [Tq, H, D], received [Tk, H], cls [Tk, H], lse [Tq, H], headmax [Tk]); the statistics are
 // [0, H] unless return_stats, headmax [0] unless headmax_stats; lse (natural log, +inf for a query without keys)

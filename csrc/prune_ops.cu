@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "launch_checks.h"
@@ -47,7 +48,8 @@ ScoreType attn_type_of(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_and_prune_cuda(
     const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& received, const at::Tensor& cls,
     const at::Tensor& attn_out, const at::Tensor& align, double temperature,
-    const std::optional<at::Tensor>& protected_rows, bool merge, int64_t max_len) {
+    const std::optional<at::Tensor>& protected_rows, bool merge, int64_t max_len,
+    const std::optional<at::Tensor>& headmax, c10::string_view importance) {
   check_cuda_operand(x, "x", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Device device = x.device();
@@ -81,6 +83,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(std::isfinite(tau) && tau > 0.0f, "temperature must be a finite float > 0 (in float32), got ",
               temperature);
   TORCH_CHECK(max_len >= 0, "max_len must be >= 0, got ", max_len);
+  TORCH_CHECK(importance == "minmax", "importance must be \"minmax\" (\"official\" is not built yet), got ",
+              std::string(importance));
+  (void)headmax;
   const bool has_protected = protected_rows.has_value();
   if (has_protected) {
     const at::Tensor& pr = *protected_rows;
