@@ -15,6 +15,13 @@ cross-attention of the modules that read a pruned image without being pruned the
   the cross-attention mask altogether) feeds the answer decoder: pruning it would change what the decoder reads.
   Their cross-attention to a recognised pruned image gets the image's padding masked out (`PATCHES`). So in VQA
   only the image is pruned, and the text branch has no alignment features (alignment_loss needs ITM/ITC).
+- Decoder `generate` (captioning; BLIP's own uses beam search): HF expands the image for num_beams /
+  num_return_sequences (repeat_interleave) before the first forward, so the decoder would be handed a tensor no
+  one recorded and attend the padding rows. `generate` is wrapped to pass the image's real rows as the
+  `encoder_attention_mask` it already hands on (HF's are ones), which HF expands with the states; inside that
+  call the decoder's forward records the expanded states with that mask, and the cross-attention masks as above
+  (HF 5.x itself drops a cross-attention mask, so the mask alone would not do). Beam reordering keeps every beam
+  in its sample's rows, whose image rows are the same.
 
 Dropout: the hidden dropouts are the layers' own modules; attention-probability dropout (the vision
 `attention_dropout`, the text `attention_probs_dropout_prob`) has no place in the varlen kernel and is not applied
@@ -22,7 +29,9 @@ in the towers (both default to 0 in BLIP's configs; in eval() it is a no-op anyw
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -30,7 +39,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttenti
 from transformers.models.blip import modeling_blip as hf
 from transformers.models.blip import modeling_blip_text as hf_text
 
-from .spec import ModulePatch, TowerInputs, TowerSpec
+from .spec import MethodPatch, ModulePatch, OutputLayout, TowerInputs, TowerSpec
 
 
 def vision_layer(layer: hf.BlipEncoderLayer, x: Tensor, ctx) -> Tensor:
@@ -87,13 +96,13 @@ def _cross_attention(layer: hf_text.BlipTextLayer):
     return cross.self if cross is not None else None
 
 
-def _mask_cross_attention(lookup, module, args, kwargs):
+def _mask_cross_attention(outputs, module, args, kwargs):
     """A pre-hook on a decoder layer's cross-attention: handed a recognised tower output with padding rows (a
     pruned image), it masks them out with an additive encoder_attention_mask; any other call is left as it is.
     Works step by step under the KV cache: the cached keys have the image's rows, and the mask is rebuilt each
-    call from the `encoder_hidden_states` that generate passes again (beam search expands it: not recognised).
-    BlipTextAttention passes everything but hidden_states by keyword."""
-    layout = lookup(kwargs.get("encoder_hidden_states"))
+    call from the `encoder_hidden_states` that generate passes again (expanded by generate: recognised through
+    `_generate_with_image_rows`). BlipTextAttention passes everything but hidden_states by keyword."""
+    layout = outputs.output_layout(kwargs.get("encoder_hidden_states"))
     if layout is None or not layout.padded:
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
@@ -102,6 +111,60 @@ def _mask_cross_attention(lookup, module, args, kwargs):
     base = given if given is not None and given.is_floating_point() else \
         torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device)
     return args, {**kwargs, "encoder_attention_mask": base.masked_fill(~keep, torch.finfo(base.dtype).min)}
+
+
+class _Generating(threading.local):
+    def __init__(self):
+        self.decoders: set[int] = set()   # decoders inside a generate whose encoder mask is an image's rows
+
+
+_generating = _Generating()   # per thread, like the call it describes: another thread's generate never sees it
+
+
+@contextlib.contextmanager
+def _image_rows_in_mask(decoder):
+    ids, key = _generating.decoders, id(decoder)
+    inside = key in ids
+    ids.add(key)
+    try:
+        yield
+    finally:
+        if not inside:
+            ids.discard(key)
+
+
+def _generate_with_image_rows(outputs, decoder, generate, *args, **kwargs):
+    """BlipTextLMHeadModel.generate handed a recognised pruned image: its rows become the encoder mask (ANDed
+    with the caller's), which HF expands and passes on with the states; anything else runs unchanged."""
+    image = kwargs.get("encoder_hidden_states")
+    layout = outputs.output_layout(image)
+    if layout is None or not layout.padded:
+        return generate(*args, **kwargs)
+    valid = layout.valid.to(image.device)
+    given = kwargs.get("encoder_attention_mask")
+    if given is not None:
+        if tuple(given.shape) != tuple(valid.shape):
+            raise ValueError(f"encoder_attention_mask: expected {tuple(valid.shape)} (encoder_hidden_states' batch "
+                             f"and rows), got {tuple(given.shape)}")
+        valid = valid & given.to(image.device).bool()
+    with _image_rows_in_mask(decoder):
+        return generate(*args, **{**kwargs, "encoder_attention_mask": valid.long()})
+
+
+def _record_expanded_image(outputs, decoder, args, kwargs):
+    """A pre-hook on the decoder: inside `_generate_with_image_rows`, the states generate hands it (expanded, a
+    tensor no tower made) are recorded with the mask it expanded with them: the image's rows. Outside such a call
+    a caller's mask is left to HF (which 5.x ignores in the cross-attention): the model computes what HF does."""
+    if id(decoder) not in _generating.decoders:
+        return None
+    states, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
+    if isinstance(states, torch.Tensor) and isinstance(mask, torch.Tensor) and outputs.output_layout(states) is None:
+        outputs.record_output_layout(states, OutputLayout(mask.to(states.device).bool()))
+    return None
+
+
+def _itself(module):
+    return module
 
 
 VISION = TowerSpec(branch="vision", tower_types=(hf.BlipVisionModel,), encoder_type=hf.BlipEncoder,
@@ -113,4 +176,6 @@ TEXT = TowerSpec(branch="text", tower_types=(hf_text.BlipTextModel,), encoder_ty
 
 SPECS = (VISION, TEXT)
 MODELS = (hf.BlipForImageTextRetrieval, hf.BlipForQuestionAnswering, hf.BlipForConditionalGeneration)
-PATCHES = (ModulePatch(hf_text.BlipTextLayer, _cross_attention, _mask_cross_attention),)
+PATCHES = (ModulePatch(hf_text.BlipTextLayer, _cross_attention, _mask_cross_attention),
+           ModulePatch(hf_text.BlipTextLMHeadModel, _itself, _record_expanded_image),
+           MethodPatch(hf_text.BlipTextLMHeadModel, "generate", _generate_with_image_rows))
