@@ -149,5 +149,6 @@ def test_clip_pruning_layers_match_the_oracle(execution, seed, merge, temperatur
     lengths = mask.sum(1).tolist()
     eot = [int((ids[b] == EOS).int().argmax()) for b in range(batch)]
     protected = [j == eot[b] for b, n in enumerate(lengths) for j in range(n)]
+    # CLIP's causal text tower never merges (models/clip.py TEXT: EOT cannot see a merged row)
     _check_tower(model, seen, "text_model", lengths, protected, causal=True, branch="text",
-                 temperature=temperature, merge=merge)
+                 temperature=temperature, merge=False)

@@ -1,7 +1,8 @@
 """CLIP (Hugging Face `transformers.models.clip`): the encoder layer on pruned token sets, and its towers.
 
 The layer is pre-LN: attention + residual, then (pruning) then MLP + residual. The text tower is causal and pools
-at the EOT token, which is found as CLIPTextModel finds it and is never pruned.
+at the EOT token, which is found as CLIPTextModel finds it and is never pruned. The text tower drops tokens
+without merging them (see TEXT).
 """
 from __future__ import annotations
 
@@ -44,9 +45,13 @@ def _text_inputs(tower, bound: dict) -> TowerInputs:
 VISION = TowerSpec(branch="vision", tower_types=(hf.CLIPVisionModel, getattr(hf, "CLIPVisionTransformer", None)),
                    encoder_type=hf.CLIPEncoder, layer_type=hf.CLIPEncoderLayer, layer_fn=encoder_layer,
                    inputs=_vision_inputs, output="compact", causal=False)
+# No merged row in the causal text tower: appended after a sample's tokens (as in the official code), causal
+# attention hides it from EOT, the one row CLIP reads; it would cost a row in every later layer for no change
+# of the text feature. Put before EOT it would change that feature, with a position no token of the method
+# has. Dropping without merging is the official EOT feature at one row less.
 TEXT = TowerSpec(branch="text", tower_types=(hf.CLIPTextModel, getattr(hf, "CLIPTextTransformer", None)),
                  encoder_type=hf.CLIPEncoder, layer_type=hf.CLIPEncoderLayer, layer_fn=encoder_layer,
-                 inputs=_text_inputs, output="positions", causal=True)
+                 inputs=_text_inputs, output="positions", causal=True, merge=False)
 
 SPECS = (VISION, TEXT)
 MODELS = (hf.CLIPModel, hf.CLIPVisionModel, hf.CLIPTextModel)
