@@ -13,8 +13,10 @@ the `recording` mode are kept per thread (like torch's grad mode), never shared 
 A tower's output is a plain padded tensor to the model's own code (BLIP builds `image_atts` of ones from its
 shape), so the layout of each tower output is recorded here, keyed by the tensor itself (weakly: nothing is kept
 alive): a later tower (BLIP's text layers) or a family's module patch (BLIP's decoder cross-attention) that is
-handed that very tensor looks its rows up. A tensor derived from it (expanded for beam search, sliced, moved)
-is not recognised: there, the attention mask the caller gives is all there is.
+handed that very tensor looks its rows up. A tensor derived from it (sliced, moved, expanded by hand) is not
+recognised: there, the attention mask the caller gives is all there is. `generate`, which expands and reorders the
+batch itself (num_beams, num_return_sequences), is wrapped by the family (a MethodPatch) so that the layout travels
+with the states through that expansion (BLIP: see models/blip.py).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from . import executor, models
 from .alignment import AlignmentTokens
 from .alignment import alignment_loss as _alignment_loss
 from .config import EXECUTIONS, MADTPConfig, check_temperature
-from .models.spec import OutputLayout, TowerInputs, TowerSpec
+from .models.spec import MethodPatch, OutputLayout, TowerInputs, TowerSpec
 
 ATTRIBUTE = "madtp"
 
@@ -80,6 +82,8 @@ class MADTPState(nn.Module):
         self._outputs = WeakIdKeyDictionary()
         self._hooks: list[tuple[nn.Module, int]] = []   # (module, hook id) installed by apply
         self._forwards: list[nn.Module] = []             # encoders whose forward apply replaced
+        self._methods: list[tuple[nn.Module, str, object]] = []   # (module, method, its instance attribute
+                                                                  # before apply, or None) wrapped by apply
         self._towers = towers
 
     @property
@@ -95,6 +99,13 @@ class MADTPState(nn.Module):
     def output_layout(self, tensor) -> OutputLayout | None:
         """The layout recorded for a tower output of the last forwards (None for any other tensor)."""
         return self._outputs.get(tensor) if isinstance(tensor, Tensor) else None
+
+    def record_output_layout(self, tensor: Tensor, layout: OutputLayout) -> None:
+        """Record `layout` for `tensor` (a family patch's: e.g. a tower output as generate expanded it), weakly."""
+        if not isinstance(tensor, Tensor) or tuple(layout.valid.shape) != tuple(tensor.shape[:2]):
+            raise ValueError(f"layout: expected a valid mask of {tuple(tensor.shape[:2])} (the tensor's batch and "
+                             f"rows), got {tuple(layout.valid.shape)}")
+        self._outputs[tensor] = layout
 
     def extra_repr(self) -> str:
         return f"config={self.config}, temperature={self.temperature}"
@@ -172,10 +183,15 @@ def apply(model: nn.Module, config: MADTPConfig | None = None) -> nn.Module:
         _patch(state, tower)
     for module in model.modules():
         for patch in models.PATCHES:
-            target = patch.target(module) if isinstance(module, patch.module_type) else None
+            if not isinstance(module, patch.module_type):
+                continue
+            if isinstance(patch, MethodPatch):
+                _wrap_method(state, module, patch)
+                state.record_outputs = True
+                continue
+            target = patch.target(module)
             if target is not None:
-                _hook(state, target, functools.partial(patch.hook, state.output_layout), pre=True,
-                      with_kwargs=True)
+                _hook(state, target, functools.partial(patch.hook, state), pre=True, with_kwargs=True)
                 state.record_outputs = True
     state.record_outputs |= any(t.spec.cross_attends for t in towers)
     model.add_module(ATTRIBUTE, state)
@@ -236,6 +252,13 @@ def _patch(state: MADTPState, tower: Tower) -> None:
     _hook(state, tower.module, functools.partial(_record_output, state, tower), pre=False)
     tower.encoder.forward = functools.partial(_encoder_forward, state, tower)
     state._forwards.append(tower.encoder)
+
+
+def _wrap_method(state: MADTPState, module: nn.Module, patch: MethodPatch) -> None:
+    previous = vars(module).get(patch.method)   # someone's instance attribute: wrapped, and put back by remove
+    call = previous if previous is not None else functools.partial(getattr(type(module), patch.method), module)
+    setattr(module, patch.method, functools.partial(patch.wrap, state, module, call))
+    state._methods.append((module, patch.method, previous))
 
 
 def _unhook(module: nn.Module, hook_id: int) -> None:
@@ -304,6 +327,11 @@ def remove(model: nn.Module) -> nn.Module:
         _unhook(module, hook_id)
     for encoder in state._forwards:
         del encoder.forward   # the instance attribute: the class's forward shows through again
+    for module, method, previous in reversed(state._methods):
+        if previous is None:
+            delattr(module, method)
+        else:
+            setattr(module, method, previous)
     delattr(model, ATTRIBUTE)
     return model
 

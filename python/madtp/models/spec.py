@@ -56,8 +56,20 @@ class OutputLayout:
 @dataclass(frozen=True)
 class ModulePatch:
     """A pre-hook on modules outside the pruned towers, found by isinstance (e.g. a decoder's cross-attention to
-    a pruned image). target(module) -> the submodule to hook, or None; hook(lookup, module, args, kwargs) is
-    registered with_kwargs, where lookup(tensor) -> the OutputLayout recorded for a tower output, or None."""
+    a pruned image). target(module) -> the submodule to hook, or None; hook(outputs, module, args, kwargs) is
+    registered with_kwargs, where outputs.output_layout(tensor) -> the OutputLayout recorded for a tower output
+    (or None) and outputs.record_output_layout(tensor, layout) records one."""
     module_type: type
     target: Callable
     hook: Callable
+
+
+@dataclass(frozen=True)
+class MethodPatch:
+    """A wrapper of a method that no hook reaches (a decoder's `generate`, which expands the batch before any
+    forward), installed as an instance attribute on modules found by isinstance:
+    module.<method>(*a, **k) runs wrap(outputs, module, call, *a, **k), where call is the method it replaces and
+    outputs is as for ModulePatch."""
+    module_type: type
+    method: str
+    wrap: Callable
