@@ -37,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import EXECUTIONS  # light: no torch, no transformers
+
 PROG = "madtp"
 EXIT_USAGE = 2
 
@@ -436,9 +438,10 @@ def _add_compress(parser: argparse.ArgumentParser) -> None:
                    help="prune image tokens (default: on)")
     c.add_argument("--prune-text", action=argparse.BooleanOptionalAction, default=d["prune_text"],
                    help="prune text tokens (default: on)")
-    c.add_argument("--execution", choices=("ragged", "padded"), default=d["execution"],
-                   help="how the pruned model runs: ragged (packed tokens) or padded (the published baseline) "
-                        "(default: %(default)s)")
+    c.add_argument("--execution", choices=EXECUTIONS, default=d["execution"],
+                   help="how the pruned model runs: ragged (packed tokens), padded (the same decisions, each layer "
+                        "padded to the batch's longest sample) or published (the published code's policy: every "
+                        "sample keeps the batch's largest keep count; padded) (default: %(default)s)")
     c.add_argument("--temperatures", type=float, nargs="+", default=list(d["temperatures"]), metavar="T",
                    help="temperature grid of the sensitivity measurement and the budget split "
                         "(default: %(default)s)")

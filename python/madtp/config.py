@@ -8,7 +8,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-EXECUTIONS = ("ragged", "padded")
+# "ragged": our per-sample decisions on packed tokens end to end; "padded": the same decisions, each layer padded to
+# the batch's longest sample (same outputs, the published code's compute); "published": the published code's batch
+# policy: every sample keeps the batch's largest keep count of its top-TIS candidates, padded execution.
+EXECUTIONS = ("ragged", "padded", "published")
 
 __all__ = ["MADTPConfig", "EXECUTIONS", "check_temperature"]
 
@@ -37,7 +40,7 @@ class MADTPConfig:
     prune_vision: bool = True
     prune_text: bool = True
     merge_pruned: bool = True
-    execution: str = "ragged"          # "ragged": packed tokens end to end; "padded": the published baseline
+    execution: str = "ragged"          # one of EXECUTIONS (see there): "ragged", "padded" or "published"
     prune_layers: tuple[int, ...] | None = None   # encoder layers (0-based) that prune; None: every layer
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""Running an encoder's layers on pruned token sets: ragged (packed rows, varlen kernels) or padded (baseline).
+"""Running an encoder's layers on pruned token sets: ragged (packed rows, varlen kernels) or padded (baseline),
+with our per-sample pruning decisions, or the published code's batch policy (padded).
 
 A model family describes its layer once as a function `layer_fn(layer, x, ctx)` over the layer's own
 submodules; `ctx.attend` and `ctx.prune` are what the two executions implement differently:
@@ -7,6 +8,8 @@ submodules; `ctx.attend` and `ctx.prune` are what the two executions implement d
 - `PaddedContext`: x is [B, L, C] padded to the batch's longest sample; attention is masked SDPA, or an explicit
   softmax where the stats are needed (what the published code does); after pruning the batch is padded again.
 Both make their pruning decisions through `pruning.prune_step` on packed rows, so they compute the same thing.
+- `PublishedContext`: the padded execution with the published code's policy (`pruning.published_step`: every
+  sample keeps the batch's largest keep count), on the TIS and thresholds of the same op: only the policy differs.
 A layer that cross-attends (BLIP's text layers to the image) reads `ctx.memory` (packed rows, or [B, M, C]) and
 calls `ctx.cross_attend`: each sample's queries see only its own memory rows, without padding in the ragged
 execution, through a key mask in the padded one.
@@ -88,9 +91,18 @@ class _Context:
             rec.pooled = pooled if rec.pooled is None else rec.pooled + pooled
         if not prunes:
             return None
-        out, self.layout = pruning.prune_step(rows, layout, stats, attn_out, scores, plan.temperature, plan.merge)
+        step = self._step(rows, layout, stats, attn_out, scores)
+        out = None
+        if step is not None:
+            out, self.layout = step
         self.record.kept[plan.layer_names[self.layer]] = self.layout.ragged.lengths()
         return out
+
+    def _step(self, rows: Tensor, layout: Layout, stats: AttentionStats, attn_out: Tensor, scores: Tensor):
+        """The pruning policy, here our per-sample decisions. -> (rows, layout) after the layer; None: the layer
+        leaves the rows as they are."""
+        plan = self.plan
+        return pruning.prune_step(rows, layout, stats, attn_out, scores, plan.temperature, plan.merge)
 
 
 class RaggedContext(_Context):
@@ -165,6 +177,15 @@ class PaddedContext(_Context):
         return unpack(out, self.layout.ragged)
 
 
+class PublishedContext(PaddedContext):
+    """The published code's batch policy in its padded execution: every sample keeps the batch's largest keep
+    count of its top-TIS candidates (`pruning.published_step`), scored by the same op as ours."""
+
+    def _step(self, rows: Tensor, layout: Layout, stats: AttentionStats, attn_out: Tensor, scores: Tensor):
+        plan = self.plan   # None where the official skip rule leaves the layer as it is
+        return pruning.published_step(rows, layout, stats, attn_out, scores, plan.temperature, plan.merge)
+
+
 def run_layers(layers, layer_fn, x: Tensor, valid: Tensor, protected: Tensor | None, plan: BranchPlan,
                execution: str, memory: Memory | None = None) -> tuple[Tensor, Layout, BranchRecord]:
     """Run `layers` on x [B, N, C] whose valid tokens are `valid` [B, N] (None: all); returns packed rows [T, C], their
@@ -189,7 +210,7 @@ def run_layers(layers, layer_fn, x: Tensor, valid: Tensor, protected: Tensor | N
     if execution == "ragged":
         ctx, h = RaggedContext(plan, layout, record, memory), rows
     else:
-        ctx = PaddedContext(plan, layout, record, memory)
+        ctx = (PublishedContext if execution == "published" else PaddedContext)(plan, layout, record, memory)
         h = unpack(rows, ragged)
     for i, layer in enumerate(layers):
         ctx.layer = i
