@@ -58,10 +58,11 @@ void launch(Kernel kernel, int64_t tiles, int64_t heads, int smem, const attn::P
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, bool causal,
-    const std::optional<at::Tensor>& q_index, const std::optional<at::Tensor>& kv_index, bool return_stats) {
+    const std::optional<at::Tensor>& q_index, const std::optional<at::Tensor>& kv_index, bool return_stats,
+    bool headmax_stats) {
   const at::Device device = q.device();
   check_cuda_operand(q, "q", device);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -103,9 +104,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda
   auto received = at::empty({return_stats ? Tk : 0, H}, stats_options);
   auto cls = at::empty_like(received);
   auto lse = at::empty({Tq, H}, stats_options);
+  // Every key is written by its tile (0 for a key no query counts for); only a call without work zeroes it here.
+  auto headmax = at::empty({headmax_stats ? Tk : 0}, stats_options);
   const int64_t tiles_q = tile_bound(Tq, B, max_seqlen_q, attn::kBlockM);
-  const int64_t tiles_k = return_stats ? tile_bound(Tk, B, max_seqlen_k, attn::kBlockN) : 0;
-  if (H == 0 || (tiles_q == 0 && tiles_k == 0)) return {out, received, cls, lse};
+  // The statistics and headmax kernels share the key-tile list.
+  const int64_t tiles_k = return_stats || headmax_stats ? tile_bound(Tk, B, max_seqlen_k, attn::kBlockN) : 0;
+  if (H == 0 || (tiles_q == 0 && tiles_k == 0)) return {out, received, cls, lse, headmax.zero_()};
 
   const at::Tensor qa = aligned(q), ka = aligned(k), va = aligned(v);
   auto tiles = at::empty({2 * (tiles_q + tiles_k)}, cu_seqlens_q.options());
@@ -132,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda
   p.lse = lse.data_ptr<float>();
   p.received = received.data_ptr<float>();
   p.cls = cls.data_ptr<float>();
+  p.headmax = headmax.data_ptr<float>();
   p.cu_q = cu_seqlens_q.data_ptr<int32_t>();
   p.cu_k = cu_seqlens_k.data_ptr<int32_t>();
   p.q_index = q_index ? q_index->data_ptr<int32_t>() : nullptr;
@@ -150,13 +155,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_cuda
         p.tiles = reinterpret_cast<const int2*>(lists.tiles[0]);
         launch(attn::varlen_attention_fwd_kernel<T, kD>, tiles_q, H, attn::fwd_smem_bytes<T, kD>(), p, stream);
       }
-      if (tiles_k > 0) {
-        p.tiles = reinterpret_cast<const int2*>(lists.tiles[1]);
+      p.tiles = reinterpret_cast<const int2*>(lists.tiles[1]);
+      if (tiles_k > 0 && return_stats) {
         launch(attn::varlen_attention_stats_kernel<T, kD>, tiles_k, H, attn::stats_smem_bytes<T, kD>(), p, stream);
+      }
+      if (tiles_k > 0 && headmax_stats) {  // one CTA per key tile for all heads
+        launch(attn::varlen_attention_headmax_kernel<T, kD>, tiles_k, 1, attn::headmax_smem_bytes<T, kD>(), p,
+               stream);
       }
     });
   });
-  return {out, received, cls, lse};
+  return {out, received, cls, lse, headmax};
 }
 
 }  // namespace madtp

@@ -17,8 +17,8 @@ from .layout import RaggedLayout, device_offsets, max_len_of, resolve
 from .reference import attention as ref
 
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-          "int max_seqlen_k, float scale, bool causal, Tensor? q_index, Tensor? kv_index, bool return_stats)"
-          " -> (Tensor, Tensor, Tensor, Tensor)")
+          "int max_seqlen_k, float scale, bool causal, Tensor? q_index, Tensor? kv_index, bool return_stats, "
+          "bool headmax_stats) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
                    "Tensor cu_seqlens_k, "
                    "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, Tensor? q_index, "
@@ -47,12 +47,14 @@ def _triton_backward(*args):
     return _triton().varlen_attention_backward(*args)
 
 
-def _fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, return_stats):
+def _fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, return_stats, headmax_stats):
     rows_q = q_index.shape[0] if q_index is not None else q.shape[0]
-    rows_k = (kv_index.shape[0] if kv_index is not None else k.shape[0]) if return_stats else 0
+    keys = kv_index.shape[0] if kv_index is not None else k.shape[0]
+    rows_k = keys if return_stats else 0
     stats = q.new_empty((rows_k, q.shape[1]), dtype=ref.stats_dtype(q.dtype))
     lse = q.new_empty((rows_q, q.shape[1]), dtype=ref.stats_dtype(q.dtype))
-    return q.new_empty((rows_q, *q.shape[1:])), stats, torch.empty_like(stats), lse
+    headmax = q.new_empty((keys if headmax_stats else 0,), dtype=ref.stats_dtype(q.dtype))
+    return q.new_empty((rows_q, *q.shape[1:])), stats, torch.empty_like(stats), lse, headmax
 
 
 def _fake_backward(grad_out, q, k, v, *args):
@@ -60,19 +62,19 @@ def _fake_backward(grad_out, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, _ = inputs
-    out, received, cls, lse = output
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, q_index, kv_index, _, _ = inputs
+    out, received, cls, lse, headmax = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_index, kv_index)
     ctx.args = (max_q, max_k, scale, causal)
-    ctx.mark_non_differentiable(received, cls, lse)  # statistics steer pruning; they carry no gradient
+    ctx.mark_non_differentiable(received, cls, lse, headmax)  # statistics steer pruning; they carry no gradient
 
 
-def _backward(ctx, grad_out, _grad_received, _grad_cls, _grad_lse):
+def _backward(ctx, grad_out, _grad_received, _grad_cls, _grad_lse, _grad_headmax):
     # The backward is an op of its own, so torch.compile sees one opaque node, not a per-sequence loop.
     q, k, v, out, lse, cu_q, cu_k, q_index, kv_index = ctx.saved_tensors
     impl = _dispatch.select("varlen_attention_backward", q.device, q.dtype, head_dim=q.shape[2], strict=False)
     grads = impl(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args, q_index, kv_index)
-    return (*grads, None, None, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 _library.define("varlen_attention_backward", BACKWARD_SCHEMA,
@@ -87,7 +89,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | Rag
                      cu_seqlens_k: Tensor | RaggedLayout | None = None,
                      *, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
                      scale: float | None = None, causal: bool = False, q_index: Tensor | None = None,
-                     kv_index: Tensor | None = None, return_stats: bool = False):
+                     kv_index: Tensor | None = None, return_stats: bool = False, headmax_stats: bool = False):
     """Attention of each sequence's queries over its own keys; no padding, no [Tq, Tk] matrix.
 
     q [Tq, H, D], k/v [Tk, H, D] -> out [Tq, H, D] (q's dtype). cu_seqlens_k defaults to cu_seqlens_q.
@@ -95,6 +97,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | Rag
     causal=True aligns the mask bottom-right (flash-attn). A query with no key gets zeros.
     q_index / kv_index (int32): logical token i is physical row index[i] of q's / k's and v's buffer.
     return_stats=True -> (out, AttentionStats(received, cls)), fp32 [Tk, H], without gradient.
+    headmax_stats=True (with return_stats) also fills AttentionStats.headmax, fp32 [Tk]: for key j, the sum over
+    its sequence's queries except the first of the largest probability any head gives j (the official MADTP
+    received term, which the per-head received cannot give); 0 for a key no such query sees.
     """
     tensors = {"q": q, "k": k, "v": v}
     for name, t in tensors.items():
@@ -138,9 +143,16 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | Rag
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else checks.check_float(scale, "scale", finite=True)
     checks.check_bool(causal, "causal")
     checks.check_bool(return_stats, "return_stats")
+    checks.check_bool(headmax_stats, "headmax_stats")
+    if headmax_stats and not return_stats:
+        raise ValueError("headmax_stats: True needs return_stats=True (headmax is a field of the returned "
+                         "AttentionStats), got return_stats=False")
     impl = _dispatch.select("varlen_attention", q.device, q.dtype, head_dim=q.shape[2])
-    out, received, cls, _lse = impl(q.contiguous(), k.contiguous(), v.contiguous(), cu_q.contiguous(),
-                                    cu_k.contiguous(), max_seqlen_q, max_seqlen_k, scale, causal,
-                              None if q_index is None else q_index.contiguous(),
-                              None if kv_index is None else kv_index.contiguous(), return_stats)
-    return (out, AttentionStats(received, cls)) if return_stats else out
+    out, received, cls, _lse, headmax = impl(q.contiguous(), k.contiguous(), v.contiguous(), cu_q.contiguous(),
+                                             cu_k.contiguous(), max_seqlen_q, max_seqlen_k, scale, causal,
+                                             None if q_index is None else q_index.contiguous(),
+                                             None if kv_index is None else kv_index.contiguous(), return_stats,
+                                             headmax_stats)
+    if not return_stats:
+        return out
+    return out, AttentionStats(received, cls, headmax if headmax_stats else None)

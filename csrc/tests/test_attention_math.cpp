@@ -54,6 +54,13 @@ void test_scalar_functions() {
   CHECK(std::fabs(madtp::softmax_lse(7.0f, 4.0f) - 9.0f * madtp::kLn2) <= 1e-6f);
   // The statistics pass inverts it: probability 1/4 for a score equal to the running max.
   CHECK(std::fabs(madtp::stats_prob(7.0f, madtp::softmax_lse(7.0f, 4.0f), true) - 0.25f) <= 1e-6f);
+  // headmax: query 0 never counts; otherwise exactly the visible pairs. The max over heads keeps a NaN from
+  // either side (fmaxf would drop it), and starts from 0 (probabilities are >= 0).
+  CHECK(!madtp::headmax_counted(0, 0, 4, 4, false) && madtp::headmax_counted(1, 3, 4, 4, false));
+  CHECK(!madtp::headmax_counted(1, 3, 4, 4, true) && madtp::headmax_counted(3, 3, 4, 4, true));
+  CHECK(!madtp::headmax_counted(4, 0, 4, 4, false) && !madtp::headmax_counted(1, 4, 4, 4, false));
+  CHECK(madtp::nan_max(0.25f, 0.5f) == 0.5f && madtp::nan_max(0.5f, 0.25f) == 0.5f);
+  CHECK(std::isnan(madtp::nan_max(std::nanf(""), 0.5f)) && std::isnan(madtp::nan_max(0.5f, std::nanf(""))));
   CHECK(madtp::mask_score(2.0f, false) == -kInf);
   CHECK(madtp::mask_score(2.0f, true) == 2.0f);
   // Visible non-finite v terms: p > 0 keeps the value, p = 0 or NaN gives NaN (0 * inf); hidden ones add 0.

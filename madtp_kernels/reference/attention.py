@@ -92,9 +92,10 @@ def _flash_cpu(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: list[int], cu_seql
 
 def _explicit(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: list[int], cu_seqlens_k: list[int], scale: float,
               causal: bool, sequences, out: Tensor, lse: Tensor, received: Tensor, cls: Tensor,
-              return_stats: bool, finite: bool = True) -> None:
+              return_stats: bool, finite: bool = True, headmax: Tensor | None = None) -> None:
     """Softmax probabilities formed explicitly in out's dtype (the accumulation dtype), a block of queries at a
-    time; the statistics are column sums of the same block, so they cost one pass over it. finite=False (some
+    time; the statistics are column sums of the same block, so they cost one pass over it (headmax: one max over
+    the heads, then a column sum without the sequence's first query). finite=False (some
     input is not finite): rows whose scores are all -inf get zero probabilities and lse +inf (softmax would
     give NaN there); finite inputs cannot produce such a row, so they skip the two ops."""
     acc = out.dtype
@@ -104,6 +105,8 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: list[int], cu_seqle
     ks, vs = _split(cu_seqlens_k, 1, *(t.transpose(0, 1) for t in (k.to(acc), v.to(acc))))
     if return_stats:
         received_s, cls_s = _split(cu_seqlens_k, 1, received.transpose(0, 1), cls.transpose(0, 1))
+    if headmax is not None:
+        (headmax_s,) = _split(cu_seqlens_k, 0, headmax)
     for b, q0, q1, k0, k1, first in sequences:
         lq, lk = q1 - q0, k1 - k0
         kb_t, vb = ks[b].transpose(1, 2), vs[b]
@@ -138,6 +141,11 @@ def _explicit(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: list[int], cu_seqle
                     received_s[b].add_(p.sum(1))
                 if r0 == 0:  # the sequence's first query sees keys (first == 0): its row is cls
                     cls_s[b].copy_(p[:, 0])
+            if headmax is not None:
+                skip = 1 if r0 == 0 else 0  # the sequence's first query is left out (official: attn[1:, 1:])
+                if n > skip:
+                    # amax, not max: it propagates NaN, as the column sums do
+                    headmax_s[b].add_(p.narrow(1, skip, n - skip).amax(0).sum(0))
 
 
 def _visible_products(p: Tensor, v: Tensor, visible: Tensor, out: Tensor) -> None:
@@ -176,7 +184,7 @@ def _padded_is_cheaper(sequences, heads: int, head_dim: int, causal: bool, eleme
 
 
 def _padded(q: Tensor, k: Tensor, v: Tensor, sequences, scale: float, out: Tensor, lse: Tensor, received: Tensor,
-            cls: Tensor, return_stats: bool) -> None:
+            cls: Tensor, return_stats: bool, headmax: Tensor | None = None) -> None:
     """The sequences with work, all at once, padded to the longest and masked: a fixed number of ops whatever the
     batch. Each has keys (no fully masked row); no causal mask (_padded_is_cheaper)."""
     acc, device = out.dtype, q.device
@@ -208,21 +216,28 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, sequences, scale: float, out: Tenso
     out.index_copy_(0, q_rows, o.index_select(0, q_flat))
     lse_p = (row_max - p.amax(-1).log()).transpose(1, 2).reshape(-1, heads)   # as in _explicit
     lse.index_copy_(0, q_rows, lse_p.index_select(0, q_flat))
-    if return_stats:
+    if return_stats or headmax is not None:
         k_rows = torch.tensor([r for _, _, _, k0, k1, _ in sequences for r in range(k0, k1)], device=device)
+    if return_stats:
         got = (p * qv[:, None, :, None]).sum(2).transpose(1, 2).reshape(-1, heads)   # padding queries give 0
         received.index_copy_(0, k_rows, got.index_select(0, k_flat))
         first = p[:, :, 0, :].transpose(1, 2).reshape(-1, heads)
         cls.index_copy_(0, k_rows, first.index_select(0, k_flat))
+    if headmax is not None:  # every query but each sequence's first (padding queries give 0)
+        later = qv.clone()
+        later[:, 0] = False
+        got = (p.amax(1) * later[:, :, None]).sum(1).reshape(-1)                      # [B * Lk]
+        headmax.index_copy_(0, k_rows, got.index_select(0, k_flat))
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, q_index: Tensor | None,
-                     kv_index: Tensor | None, return_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     kv_index: Tensor | None, return_stats: bool,
+                     headmax_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """q [Pq, H, D], k/v [Pk, H, D] (physical rows) -> (out [Tq, H, D], received [Tk, H], cls [Tk, H],
-    lse [Tq, H]).
+    lse [Tq, H], headmax [Tk]).
 
-    Stats are [0, H] when return_stats is False; stats and lse are float32 (float64 for float64 inputs).
+    Stats are [0, H] when return_stats is False, headmax [0] when headmax_stats is False; stats and lse are float32 (float64 for float64 inputs).
     lse is the natural log-sum-exp of each query's scores, +inf for a query with no key (flash-attn's rule,
     so exp(s - lse) is 0 there).
     """
@@ -244,7 +259,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     # also measured 2.5x slower than upcasting here (bf16 1.2x faster). So half inputs, and all stats, take the
     # explicit fp32 path; so do non-finite inputs (module docstring), and causal calls with scale <= 0 (the
     # kernel then scales its -inf mask into NaN or +inf).
-    flash = (q.device.type == "cpu" and not return_stats and sdt == q.dtype and finite
+    flash = (q.device.type == "cpu" and not return_stats and not headmax_stats and sdt == q.dtype and finite
              and (scale > 0 or not causal))
     out = q.new_empty(q.shape, dtype=q.dtype if flash else sdt)
     lse = torch.empty((q.shape[0], heads), dtype=sdt, device=q.device)
@@ -257,14 +272,16 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         done = q1
     received = q.new_zeros((k.shape[0] if return_stats else 0, heads), dtype=sdt)
     cls = torch.zeros_like(received)
+    headmax = q.new_zeros((k.shape[0] if headmax_stats else 0,), dtype=sdt)
+    wanted = headmax if headmax_stats else None
     if not flash and finite and _padded_is_cheaper(sequences, heads, q.shape[2], causal, out.element_size()):
-        _padded(q, k, v, sequences, scale, out, lse, received, cls, return_stats)
+        _padded(q, k, v, sequences, scale, out, lse, received, cls, return_stats, wanted)
     elif flash:
         _flash_cpu(q, k, v, read[:nq], read[nq:-1], scale, causal, sequences, out, lse)
     else:
         _explicit(q, k, v, read[:nq], read[nq:-1], scale, causal, sequences, out, lse, received, cls,
-                  return_stats, finite)
-    return out.to(q.dtype), received, cls, lse
+                  return_stats, finite, wanted)
+    return out.to(q.dtype), received, cls, lse, headmax
 
 
 def varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,

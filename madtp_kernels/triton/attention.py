@@ -21,7 +21,9 @@ without any masking; only the ragged tail and the causal diagonal pay for it.
 
 Statistics: one program per (key block, head) streams the query blocks that can see it, recomputes the scores,
 turns them into exact probabilities with the saved log-sum-exp and sums them over queries (received) and keeps
-the first query's row (cls). No [Tq, Tk] matrix exists anywhere.
+the first query's row (cls). No [Tq, Tk] matrix exists anywhere. headmax (asked for separately): one program
+per key block loops over the heads inside each query block, keeps the running max over heads of each (query,
+key) probability and sums it over the queries other than the sequence's first.
 
 Backward (FlashAttention-2): a query-block pass computes delta = rowsum(dO * O) and dq; a key-block pass
 computes dk and dv from it. With an index, physical rows may repeat or be skipped, so the gradient of an indexed
@@ -315,6 +317,54 @@ def _stats_kernel(q_ptr, k_ptr, lse_ptr, received_ptr, cls_ptr, q_index_ptr, kv_
 
 
 @triton.jit
+def _headmax_kernel(q_ptr, k_ptr, lse_ptr, headmax_ptr, q_index_ptr, kv_index_ptr, cu_q_ptr, cu_k_ptr,
+                    num_seqs, H, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAUSAL: tl.constexpr, HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr):
+    """Per key block, all heads: headmax[j] = sum over queries i != 0 of max_h P_h(i -> j).
+
+    The max over heads is taken per (query, key) pair, so the heads are looped inside each query block (a
+    per-head program could only sum, which is `received`); the key tile of each head is re-read from cache.
+    """
+    seq, n_start, q_start, q_len, k_start, k_len = _tile_bounds(cu_k_ptr, num_seqs, cu_q_ptr, cu_k_ptr, BLOCK_N,
+                                                                q_ptr.dtype.element_ty == tl.float32)
+    if seq >= num_seqs:
+        return
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < k_len
+    diag = k_len - q_len
+    m_lo = 0
+    if CAUSAL:  # queries before n_start - diag see none of these keys
+        m_lo = tl.maximum(n_start - diag, 0) // BLOCK_M * BLOCK_M
+    headmax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m in range(m_lo, q_len, BLOCK_M):
+        offs_m = m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < q_len
+        # The sequence's first query is left out (the official importance reads attn[:, :, 1:, 1:]); padding
+        # rows and the causal triangle count 0. Probabilities are >= 0, so 0 starts the max.
+        counted = (m_ok & (offs_m > 0))[:, None] & n_ok[None, :]
+        if CAUSAL:
+            counted = counted & (offs_n[None, :] <= offs_m[:, None] + diag)
+        pmax = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for h in range(0, H):
+            k = _load_tile(k_ptr, kv_index_ptr, k_start + offs_n, n_ok, h, H, offs_d, HAS_KV_INDEX, HEAD_DIM,
+                           BLOCK_D)
+            q = _load_tile(q_ptr, q_index_ptr, q_start + offs_m, m_ok, h, H, offs_d, HAS_Q_INDEX, HEAD_DIM,
+                           BLOCK_D)
+            lse = tl.load(lse_ptr + (q_start + offs_m).to(tl.int64) * H + h, mask=m_ok, other=float("inf"))
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
+            # NaN propagates through the max, as the sums of `received` propagate it
+            pmax = tl.maximum(pmax, tl.where(counted, p, 0.0), propagate_nan=tl.PropagateNan.ALL)
+        headmax += tl.sum(pmax, axis=0)
+    if q_ptr.dtype.element_ty == tl.float32:  # re-read, as in the forward's epilogue
+        k_start = tl.load(cu_k_ptr + seq, volatile=True)
+        n_ok = offs_n < tl.load(cu_k_ptr + seq + 1, volatile=True) - k_start
+    tl.store(headmax_ptr + (k_start + offs_n).to(tl.int64), headmax, mask=n_ok)
+
+
+@triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, kv_index_ptr, k_start, k_len, h, H, qk_scale, offs_m,
                   diag, n_lo, n_hi, offs_d, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -472,10 +522,12 @@ def _index_or(index: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tenso
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                      causal: bool, q_index: torch.Tensor | None, kv_index: torch.Tensor | None,
-                     return_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out [Tq, H, D] q.dtype, received [Tk, H] fp32, cls [Tk, H] fp32, lse [Tq, H] fp32), logical order.
+                     return_stats: bool, headmax_stats: bool,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out [Tq, H, D] q.dtype, received [Tk, H] fp32, cls [Tk, H] fp32, lse [Tq, H] fp32, headmax [Tk] fp32),
+    logical order.
 
-    received and cls are [0, H] unless return_stats. lse is the natural log-sum-exp of each query's scaled
+    received and cls are [0, H] unless return_stats, headmax [0] unless headmax_stats. lse is the natural log-sum-exp of each query's scaled
     scores over its allowed keys, +inf for a query with none; `varlen_attention_backward` takes it.
     """
     H, D = q.shape[1], q.shape[2]
@@ -486,10 +538,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     lse = torch.empty((Tq, H), dtype=torch.float32, device=q.device)
     received = torch.empty((Tk if return_stats else 0, H), dtype=torch.float32, device=q.device)
     cls = torch.empty_like(received)
+    headmax = torch.empty((Tk if headmax_stats else 0,), dtype=torch.float32, device=q.device)
     if B == 0 or H == 0 or Tq == 0:
         received.zero_()
         cls.zero_()
-        return out, received, cls, lse
+        headmax.zero_()
+        return out, received, cls, lse, headmax
 
     block_d = _block_d(D)
     qk_scale = scale * _LOG2E
@@ -512,7 +566,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                 q, k, lse, received, cls, q_idx, kv_idx, cu_seqlens_q, cu_seqlens_k, B, H, qk_scale,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **flags)
-    return out, received, cls, lse
+    if headmax_stats and Tk > 0:
+        cfg = _stats_config(q.dtype, block_d)
+        n = _num_tiles(B, cfg.block_n, max_seqlen_k, Tk)
+        if n > 0:
+            _headmax_kernel[(n,)](
+                q, k, lse, headmax, q_idx, kv_idx, cu_seqlens_q, cu_seqlens_k, B, H, qk_scale,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **flags)
+    return out, received, cls, lse, headmax
 
 
 def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -577,6 +639,7 @@ def _signatures(dt: str, indexed: bool) -> list[tuple]:
     return [
         (_fwd_kernel, _fwd_config, {**common, "v_ptr": f"*{dt}", "out_ptr": f"*{dt}"}),
         (_stats_kernel, _stats_config, {**common, "received_ptr": "*fp32", "cls_ptr": "*fp32"}),
+        (_headmax_kernel, _stats_config, {**common, "headmax_ptr": "*fp32"}),
         (_bwd_dq_kernel, partial(_bwd_config, key_pass=False), {**bwd, "out_ptr": f"*{dt}", "dq_ptr": grad}),
         (_bwd_dkdv_kernel, partial(_bwd_config, key_pass=True), {**bwd, "dk_ptr": grad, "dv_ptr": grad}),
     ]
@@ -586,9 +649,9 @@ def _aot_specs() -> list[AotSpec]:
     specs = []
     # Torch allocations are 16-byte aligned; HEAD_DIM is a constexpr, so row strides need no hint.
     aligned = ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "do_ptr", "lse_ptr", "delta_ptr", "received_ptr", "cls_ptr",
-               "dq_ptr", "dk_ptr", "dv_ptr")
+               "headmax_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
     for dt, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        for kernel_index in range(4):
+        for kernel_index in range(len(_signatures(dt, False))):
             for head_dim in (32, 64, 80, 128):
                 block_d = _block_d(head_dim)
                 # Both causal modes without indices, and the gathering variant (its loads and stores differ).

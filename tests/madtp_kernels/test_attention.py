@@ -201,7 +201,7 @@ def test_half_scores_accumulate_in_fp32_torch(dtype, return_stats):
     op = _dispatch.implementations("varlen_attention")["torch"]
     inputs = make_inputs([1] * 40 + [7, 30], [1] * 40 + [7, 30], 3, 64, dtype, seed=13)
     q, k, v, cu = inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens_q"]
-    _, _, _, lse = op(q, k, v, cu, cu, 30, 30, 0.125, False, None, None, return_stats)
+    _, _, _, lse, _ = op(q, k, v, cu, cu, 30, 30, 0.125, False, None, None, return_stats, False)
     bounds = cu.tolist()
     for b in range(len(bounds) - 1):
         qb, kb = (t[bounds[b]:bounds[b + 1]].float().transpose(0, 1) for t in (q, k))
@@ -223,19 +223,20 @@ def test_opcheck(backend, device):
     dtype = supported_dtypes(backend, device, "varlen_attention", head_dim=32)[0]
     inputs = make_inputs([3, 0, 5], [2, 4, 5], 2, 32, dtype, seed=1, index_kv=True, device=device)
     op = _dispatch.implementations("varlen_attention")[backend]
-    for causal, stats in ((False, True), (True, False)):
+    for causal, stats, headmax in ((False, True, False), (True, False, False), (True, True, True)):
         args = (inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], 5, 5,
-                0.2, causal, None, inputs["kv_index"], stats)
+                0.2, causal, None, inputs["kv_index"], stats, headmax)
         torch.library.opcheck(op, args)
-    torch.library.opcheck(op, (inputs["q"].requires_grad_(), inputs["k"].requires_grad_(), inputs["v"],
-                               inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], 5, 5, 0.2, False, None,
-                               inputs["kv_index"], False))
+    for headmax in (False, True):  # the headmax output is non-differentiable, like the other statistics
+        torch.library.opcheck(op, (inputs["q"].requires_grad_(), inputs["k"].requires_grad_(), inputs["v"],
+                                   inputs["cu_seqlens_q"], inputs["cu_seqlens_k"], 5, 5, 0.2, False, None,
+                                   inputs["kv_index"], headmax, headmax))
     if backend not in _dispatch.implementations("varlen_attention_backward"):
         return  # declared: no backward of its own (backend_params("varlen_attention_backward") has no such param)
     backward = _dispatch.implementations("varlen_attention_backward")[backend]
     fwd_args = (inputs["q"].detach(), inputs["k"].detach(), inputs["v"], inputs["cu_seqlens_q"],
                 inputs["cu_seqlens_k"], 5, 5, 0.2, True, None, inputs["kv_index"])
-    out, _, _, lse = op(*fwd_args, False)
+    out, _, _, lse, _ = op(*fwd_args, False, False)
     torch.library.opcheck(backward, (torch.randn_like(out), *fwd_args[:3], out, lse, *fwd_args[3:]))
 
 

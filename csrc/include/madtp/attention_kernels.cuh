@@ -8,7 +8,11 @@
 // Statistics: a second kernel over (sequence, 64-key block) tiles recomputes S^T = K Q^T against every
 // query block of the sequence and turns it into probabilities with the forward's per-row LSE, summing them
 // in registers: received and cls without any [Lq, Lk] matrix and without atomics (one CTA owns a key block).
-// Work lists: both grids run over flattened tile lists built on the device (build_tiles_kernel), so a
+// headmax: a third kernel over the same key tiles, one CTA per tile for all heads: for each query block it
+// loops over the heads (K and Q of the next head stream in while the current one's S^T is formed), keeps the
+// running max over heads of each (key, query) probability in registers and adds it to the key's sum once the
+// last head is done.
+// Work lists: all grids run over flattened tile lists built on the device (build_tiles_kernel), so a
 // sequence 1000x longer than the others gets 1000x the CTAs instead of leaving a padded grid idle.
 //
 // Fragment layouts are those of the PTX ISA for mma.m16n8k16 (g = lane / 4, t = lane % 4):
@@ -52,6 +56,7 @@ struct Params {
   float* lse;     // [Tq, H] natural log-sum-exp per query and head
   float* received;  // [Tk, H]
   float* cls;       // [Tk, H]
+  float* headmax;   // [Tk]: sum over queries but the first of the max over heads of P (headmax kernel)
   const int32_t* cu_q;
   const int32_t* cu_k;
   const int32_t* q_index;   // logical query -> physical row of q (nullptr: identity)
@@ -547,6 +552,125 @@ __global__ void __launch_bounds__(kThreads) varlen_attention_stats_kernel(const 
       p.received[(k_start + kj[r]) * p.heads + h] = rec;
       p.cls[(k_start + kj[r]) * p.heads + h] = first;
     }
+  }
+}
+
+
+// ---- headmax ------------------------------------------------------------------------------------------------
+
+// Two buffers, each a K tile, a Q block and its LSEs of one head.
+template <typename T, int D>
+__host__ __device__ constexpr int headmax_smem_bytes() {
+  return 2 * (kBlockN + kBlockM) * smem_stride<D>() * static_cast<int>(sizeof(T)) + 2 * kBlockM * 4;
+}
+
+// Grid (key tiles, 1). Step it of a CTA is (query block m_first + it / H, head it % H): the max over heads of a
+// (key, query) pair needs every head's probability of that pair, so the heads are the inner loop and the K tile
+// of each head is reloaded (from L2) once per query block.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) varlen_attention_headmax_kernel(const Params p) {
+  constexpr int kStride = smem_stride<D>();
+  constexpr int kKSteps = D / 16;
+  constexpr int kQTiles = kBlockM / 8;
+  constexpr int kBufElems = (kBlockN + kBlockM) * kStride;
+
+  const int2 tile = p.tiles[blockIdx.x];
+  if (tile.x < 0) return;
+  const int heads = p.heads;
+  const int64_t q_start = p.cu_q[tile.x], lq = p.cu_q[tile.x + 1] - q_start;
+  const int64_t k_start = p.cu_k[tile.x], lk = p.cu_k[tile.x + 1] - k_start;
+  const int64_t n0 = static_cast<int64_t>(tile.y) * kBlockN;
+  const int64_t n_rows = lk - n0 < kBlockN ? lk - n0 : kBlockN;
+  const int64_t m_first = query_begin(n0, lq, lk, p.causal) / kBlockM;
+  const int64_t steps = (num_blocks(lq, kBlockM) - m_first) * heads;
+
+  extern __shared__ uint4 smem_raw[];
+  T* sbuf = reinterpret_cast<T*>(smem_raw);                            // buffer b: K tile, then Q block
+  float* sL = reinterpret_cast<float*>(sbuf + 2 * kBufElems);          // two buffers of kBlockM LSEs
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t4 = lane % 4;
+  const int64_t kj[2] = {n0 + warp * 16 + g, n0 + warp * 16 + g + 8};  // this lane's keys
+
+  // Step `it` (K tile and Q block of its head, the block's LSEs) into buffer `buf`; LSEs of padding rows are
+  // zero-filled and never used (headmax_counted is false there).
+  const auto load_step = [&](int64_t it, int buf) {
+    const int h = static_cast<int>(it % heads);
+    const int64_t m0 = (m_first + it / heads) * kBlockM;
+    const int64_t rows = lq - m0 < kBlockM ? lq - m0 : kBlockM;
+    T* dst = sbuf + buf * kBufElems;
+    load_rows<T, D>(dst, k, p.kv_index, k_start, n0, n_rows, heads, h);
+    load_rows<T, D>(dst + kBlockN * kStride, q, p.q_index, q_start, m0, rows, heads, h);
+    if (threadIdx.x < kBlockM) {
+      const bool valid = threadIdx.x < rows;
+      const float* src = valid ? p.lse + (q_start + m0 + threadIdx.x) * heads + h : p.lse;
+      cp_async_4(sL + buf * kBlockM + threadIdx.x, src, valid);
+    }
+  };
+
+  float sum[2] = {0.0f, 0.0f};
+  float pmax[kQTiles][4];
+#pragma unroll
+  for (int i = 0; i < kQTiles; ++i) pmax[i][0] = pmax[i][1] = pmax[i][2] = pmax[i][3] = 0.0f;
+  if (steps > 0) {
+    load_step(0, 0);
+    cp_async_commit();
+  }
+  for (int64_t it = 0; it < steps; ++it) {
+    const int buf = static_cast<int>(it % 2);
+    const int h = static_cast<int>(it % heads);
+    const int64_t mb = m_first + it / heads;
+    cp_async_wait_all();
+    __syncthreads();  // step it landed; every warp is done with step it - 1, whose buffer is refilled next
+    if (it + 1 < steps) {
+      load_step(it + 1, buf ^ 1);
+      cp_async_commit();
+    }
+    const T* sK = sbuf + buf * kBufElems;
+    const T* sQb = sK + kBlockN * kStride;
+    uint32_t kf[kKSteps][4];
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      ldmatrix_x4(kf[kk], sK + (warp * 16 + lane % 16) * kStride + kk * 16 + (lane / 16) * 8);
+    }
+    float s[kQTiles][4];
+#pragma unroll
+    for (int i = 0; i < kQTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+      for (int nt = 0; nt < kQTiles; nt += 2) {
+        uint32_t qf[4];
+        ldmatrix_x4(qf, sQb + (nt * 8 + lane % 8 + (lane / 16) * 8) * kStride + kk * 16 + ((lane / 8) % 2) * 8);
+        mma_16816<T>(s[nt], kf[kk], qf[0], qf[1]);
+        mma_16816<T>(s[nt + 1], kf[kk], qf[2], qf[3]);
+      }
+    }
+    const float* lse = sL + buf * kBlockM;
+    const bool last_head = h == heads - 1;
+#pragma unroll
+    for (int nt = 0; nt < kQTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + t4 * 2 + e % 2;  // query within the block
+        const int64_t i = mb * kBlockM + col;
+        const float prob = stats_prob(s[nt][e] * p.scale_log2, lse[col], headmax_counted(i, kj[e / 2], lq, lk,
+                                                                                         p.causal));
+        pmax[nt][e] = nan_max(pmax[nt][e], prob);
+        if (last_head) {  // every head of this query block seen: the pair's max is final
+          sum[e / 2] += pmax[nt][e];
+          pmax[nt][e] = 0.0f;
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = quad_sum(sum[r]);
+    if (t4 == 0 && kj[r] < lk) p.headmax[k_start + kj[r]] = total;
   }
 }
 

@@ -73,6 +73,17 @@ MADTP_HD float softmax_lse(float row_max, float row_sum) {
 // looked at).
 MADTP_HD float stats_prob(float s2, float lse, bool visible) { return visible ? exp2f(s2 - lse * kLog2e) : 0.0f; }
 
+// headmax (the official MADTP received term): key j gets, summed over its sequence's queries other than the
+// first (the official reads attn[:, :, 1:, 1:]), the largest probability any head gives it. Query i counts for
+// key j iff it sees j and is not query 0.
+MADTP_HD bool headmax_counted(int64_t i, int64_t j, int64_t lq, int64_t lk, bool causal) {
+  return i > 0 && key_visible(i, j, lq, lk, causal);
+}
+
+// The running max over heads: a NaN wins whichever side it is on (torch.amax and the Triton kernel propagate
+// it), so a NaN input reaches headmax as it reaches received; fmaxf would drop it.
+MADTP_HD float nan_max(float a, float b) { return (b != b || b > a) ? b : a; }
+
 // ---- P V on causal diagonal tiles ----------------------------------------------------------------------------
 // The output sums p * v over the visible keys only (0 * NaN = NaN for a visible key; a hidden key is never
 // read). The tensor-core P V of a tile also multiplies the hidden keys' v by p = 0, so a tile that hides keys
