@@ -6,6 +6,7 @@ same fake implementation (so torch.compile traces them) and the same autograd fo
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -24,12 +25,23 @@ def define(op: str, schema: str, impls: dict[str, Callable], *, fake: Callable,
     """Register `op` for every backend in `impls` (Python), plus the C++ `cuda` op if the extension is built."""
     handles: dict[str, Callable] = {}
     for backend, fn in impls.items():
-        handles[backend] = torch.library.custom_op(qualname(op, backend), fn, mutates_args=(), schema=schema)
+        handles[backend] = torch.library.custom_op(qualname(op, backend), _as_given(fn), mutates_args=(),
+                                                   schema=schema)
     if _dispatch.BACKENDS["cuda"].is_available() and hasattr(torch.ops.madtp_kernels, f"{op}_cuda"):
         handles["cuda"] = getattr(torch.ops.madtp_kernels, f"{op}_cuda").default
     for backend, handle in handles.items():
         name = qualname(op, backend)
         torch.library.register_fake(name)(fake)
         if backward is not None:
-            torch.library.register_autograd(name, backward, setup_context=setup_context)
+            torch.library.register_autograd(name, _as_given(backward), setup_context=setup_context)
         _dispatch.register(op, backend, handle)
+
+
+def _as_given(fn: Callable) -> Callable:
+    """fn with autocast off: an op computes in the dtypes it is given and accumulates as it says (fp32 statistics,
+    fp32 scores); an autocast region around the caller would otherwise recast the products inside it."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return run

@@ -29,18 +29,34 @@ class AlignmentTokens(nn.Module):
                                    for name, width in widths.items() if width != self.dim})
 
     def project(self, x: Tensor, branch: str) -> Tensor:
-        return self.maps[branch](x) if branch in self.maps else x
+        if branch not in self.maps:
+            return x
+        m = self.maps[branch]
+        return m(x.to(m.weight.dtype))   # under autocast x may come in the autocast dtype; the map's own is kept
 
     def scores(self, x: Tensor, branch: str) -> tuple[Tensor, Tensor]:
-        """(A [T, K] in fp32, map(x) [T, d]) for packed rows x [T, C]."""
-        h = self.project(x, branch)
-        return h.float() @ self.tokens.float().t(), h
+        """(A [T, K] in fp32, map(x) [T, d]) for packed rows x [T, C], in fp32 also under autocast."""
+        # Autocast would run these products in fp16/bf16 whatever their inputs' dtype: A then loses the digits
+        # that a sharp threshold softmax (A / temperature, temperature down to 1e-3) tells tokens apart by, and
+        # in fp16 A / temperature overflows to inf (a NaN threshold). The map and the product are small next
+        # to the layer's GEMMs, so both run in fp32.
+        with _fp32(x):
+            h = self.project(x, branch)
+            return h.float() @ self.tokens.float().t(), h
 
     def pooled(self, scores: Tensor, h: Tensor, layout: RaggedLayout, candidates: Tensor) -> Tensor:
         """[B, K, d]: per sample, the candidate tokens pooled with softmax over tokens of A^T / sqrt(d)."""
-        weights = ragged.segment_softmax(scores / math.sqrt(self.dim), layout.cu_seqlens, candidates)   # [T, K]
-        # One batched [K, L] x [L, d] product per sample; padded rows carry zero weight.
-        return unpack(weights, layout).transpose(1, 2) @ unpack(h.float(), layout)
+        with _fp32(scores):   # fp32 as the scores (see scores): autocast would take the product down
+            weights = ragged.segment_softmax(scores.float() / math.sqrt(self.dim), layout.cu_seqlens,
+                                             candidates)   # [T, K]
+            # One batched [K, L] x [L, d] product per sample; padded rows carry zero weight.
+            return unpack(weights, layout).transpose(1, 2) @ unpack(h.float(), layout)
+
+
+def _fp32(x: Tensor):
+    """Autocast off on x's device: the products inside run in their inputs' dtype (fp32 here)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
 
 def alignment_loss(image_features: Tensor, text_features: Tensor) -> Tensor:
     """1 - cos between the image and text pooled features of each pair, averaged over alignment tokens and pairs."""
