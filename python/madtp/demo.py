@@ -7,7 +7,14 @@ parameters, 10-way retrieval accuracy with hard negatives on held-out data (``ha
 latency dense vs padded vs ragged. The table is also written as JSON (report.json) with a plot of accuracy
 against GFLOPs (accuracy_vs_gflops.png). A target beyond what token pruning reaches on the model is compressed to
 the deepest reachable reduction instead (the log says so; the table shows the reduction achieved). `--quick` is
-the same run at toy sizes (what CI runs)."""
+the same run at toy sizes (what CI runs).
+
+A second table compares the two token-pruning policies on each compressed model (same weights, same
+temperatures), measured in the same run: ours (each sample keeps its own tokens; its padded and ragged
+executions) and the published code's (execution="published": every sample of a batch keeps the batch's largest
+keep count, padded), each with its own GFLOPs (as each runs: ours as the model is saved, ragged; the published
+one padded, as the official code runs it), accuracy and CPU time. It goes to report.json ("policies") and
+report.md too."""
 from __future__ import annotations
 
 import argparse
@@ -43,7 +50,8 @@ QUICK = DemoSizes(train_samples=64, eval_samples=32, steps=4, batch=16, settle_s
 
 def run(output: str | Path = "madtp-demo", *, targets=DEFAULT_TARGETS, quick: bool = False, model_dir=None,
         steps: int | None = None, lr: float = 2e-4, threads: int | None = None, progress: bool = True):
-    """Run the demo; returns the pipeline's CompressResult (its .table is what was printed)."""
+    """Run the demo; returns the pipeline's CompressResult (its .table is the first table printed, the policies
+    table follows)."""
     from .compress.pipeline import CompressConfig, compress
     from .data.shapes import ShapesDataset
     from .data.tokenizer import encode
@@ -67,8 +75,73 @@ def run(output: str | Path = "madtp-demo", *, targets=DEFAULT_TARGETS, quick: bo
                             unreachable="closest",
                             calibration_batches=sizes.calibration_batches, settle_steps=sizes.settle_steps,
                             latency_repeats=sizes.latency_repeats, train=train_config)
-    return compress(model, ClipRetrieval(use_negatives=True), train, held_out, config, collate_fn=collate,
-                    output_dir=out, verbose=True)
+    task = ClipRetrieval(use_negatives=True)
+    result = compress(model, task, train, held_out, config, collate_fn=collate, output_dir=out, verbose=True)
+    eval_batches = list(torch.utils.data.DataLoader(held_out, batch_size=sizes.batch, shuffle=False,
+                                                    collate_fn=collate))   # what compress evaluated on
+    rows = compare_policies(result, task, eval_batches, sizes.latency_repeats)
+    table = format_policies(rows, result.metric_name, result.dense.device)
+    print(table, flush=True)
+    _add_to_report(result, rows, table)
+    return result
+
+
+POLICIES = {"ours": "ours: each sample's own keep count", "published": "published: the batch's largest keep count"}
+
+
+def compare_policies(result, task, eval_batches, repeats: int) -> list[dict]:
+    """Per compressed target: our policy as compress measured it (padded and ragged timed), and the published
+    policy on the same model (execution="published"), measured here on the same eval batches (its latency on
+    the first, as compress times)."""
+    from .compress.pipeline import measure, metric_value
+    from .patch import ATTRIBUTE, set_execution
+
+    dense = result.dense.gflops["total"]
+    rows = []
+    for t in result.targets:
+        model = t.model
+        saved = getattr(model, ATTRIBUTE).execution
+        set_execution(model, "published")
+        try:
+            published = measure(model, task, eval_batches, f"published policy (target {t.target_gflops_reduction:g})",
+                                latency_inputs=eval_batches[0], repeats=repeats, executions=("published",))
+        finally:
+            set_execution(model, saved)
+        for policy, m in (("ours", t.measurement), ("published", published)):
+            rows.append({"target": t.target_gflops_reduction, "policy": policy, "gflops": m.gflops,
+                         "reduction": 1 - m.gflops["total"] / dense, "metric": m.metric,
+                         "primary": metric_value(m.metric, result.metric_name), "latency_ms": m.latency_ms})
+    return rows
+
+
+def format_policies(rows: list[dict], metric_name: str, device: str) -> str:
+    label = device.split(" (")[0]
+    executions = ("padded", "ragged", "published")
+    head = ["target", "policy", "GFLOPs/sample", "reduction", metric_name, *(f"{label} ms {e}" for e in executions)]
+    body = [[f"{r['target']:g}", POLICIES[r["policy"]], f"{r['gflops']['total']:.4g}", f"{r['reduction']:.1%}",
+             f"{r['primary']:.4f}", *(f"{r['latency_ms'][e]:.2f}" if e in r["latency_ms"] else "-"
+                                      for e in executions)] for r in rows]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+    title = (f"Token-pruning policies on the same compressed models (same weights and temperatures), timed on "
+             f"{device}")
+    return "\n".join([title, line(head), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
+
+
+def _add_to_report(result, rows: list[dict], table: str) -> None:
+    """The comparison into report.json ("policies") and report.md, each rewritten whole (atomically)."""
+    import json
+    import os
+
+    report = json.loads(result.report_json.read_text())
+    report["policies"] = rows
+    md = result.report_md.read_text() + "\n## Token-pruning policies\n\n```\n" + table + "\n```\n"
+    for path, text in ((result.report_json, json.dumps(report, indent=2)), (result.report_md, md)):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,13 @@ def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):
     assert target["gflops_vs_budget"] <= 1.05   # not over its GFLOPs budget
     assert target["measurement"]["nonzero"] < report["dense"]["nonzero"]
     assert (out / "accuracy_vs_gflops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the two token-pruning policies on the same compressed model, each measured in this run
+    assert "published: the batch's largest keep count" in table and "CPU ms published" in table
+    ours, published = report["policies"]
+    assert (ours["policy"], published["policy"]) == ("ours", "published")
+    assert set(ours["latency_ms"]) == {"padded", "ragged"} and set(published["latency_ms"]) == {"published"}
+    assert 0 < published["reduction"] < 1 and "hard_negative_acc" in published["metric"]
+    assert "## Token-pruning policies" in (out / "report.md").read_text()
 
 
 def test_demo_bad_target_exits_2(capsys):
