@@ -83,9 +83,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(std::isfinite(tau) && tau > 0.0f, "temperature must be a finite float > 0 (in float32), got ",
               temperature);
   TORCH_CHECK(max_len >= 0, "max_len must be >= 0, got ", max_len);
-  TORCH_CHECK(importance == "minmax", "importance must be \"minmax\" (\"official\" is not built yet), got ",
-              std::string(importance));
-  (void)headmax;
+  const bool official = importance == "official";
+  TORCH_CHECK(official || importance == "minmax", "importance must be \"minmax\" or \"official\", got \"",
+              std::string(importance), "\"");
+  if (official) {
+    TORCH_CHECK(headmax.has_value(), "headmax must be given for importance=\"official\"");
+    check_cuda_operand(*headmax, "headmax", device);
+    check_fp32(*headmax, "headmax");
+    TORCH_CHECK(headmax->dim() == 1 && headmax->size(0) == T, "headmax must be [T] = [", T, "], got shape ",
+                headmax->sizes());
+  }
   const bool has_protected = protected_rows.has_value();
   if (has_protected) {
     const at::Tensor& pr = *protected_rows;
@@ -99,12 +106,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto cu_new = at::empty({B + 1}, cu_seqlens.options());
   auto kept_index = at::empty({T}, cu_seqlens.options());
   auto protected_new = at::empty({has_protected ? T : 0}, x.options().dtype(at::kBool));
-  auto importance = at::empty({T}, f32);
+  auto tis = at::empty({T}, f32);
   auto theta = at::empty({B}, f32);
   if (T == 0) {  // every sample empty: no kernel reads a row
     cu_new.zero_();
     theta.zero_();
-    return {y, cu_new, kept_index, protected_new, importance, theta};
+    return {y, cu_new, kept_index, protected_new, tis, theta};
   }
   // decision scores [T], decision thresholds [B], raw terms [3, T]
   auto workspace = at::empty({4 * T + B}, f32);
@@ -119,13 +126,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   sp.attn_type = attn_type_of(attn_out);
   sp.align = align.data_ptr<float>();
   sp.protected_rows = has_protected ? protected_rows->data_ptr<bool>() : nullptr;
+  sp.headmax = official ? headmax->data_ptr<float>() : nullptr;
+  sp.official = official;
+  sp.merge = merge;
   sp.batch = B;
   sp.rows = T;
   sp.heads = H;
   sp.head_dim = attn_out.size(2);
   sp.num_align = align.size(1);
   sp.temperature = tau;
-  sp.importance = importance.data_ptr<float>();
+  sp.importance = tis.data_ptr<float>();
   sp.theta = theta.data_ptr<float>();
   sp.decision = ws;
   sp.decision_threshold = ws + T;
@@ -155,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   finish_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(fp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   (void)max_len;  // lengths come from cu_seqlens on the device; the host bound is not needed
-  return {y, cu_new, kept_index, protected_new, importance, theta};
+  return {y, cu_new, kept_index, protected_new, tis, theta};
 }
 
 }  // namespace madtp

@@ -140,7 +140,22 @@ void test_keep_rule() {
     }
   }
   CHECK(decision_threshold(kNan) == FLT_MAX && decision_threshold(0.5f) == 0.5f);
+  // no saving, no pruning: only with merge, only for exactly one dropped candidate
+  CHECK(keeps_all(true, 1) && !keeps_all(false, 1) && !keeps_all(true, 0) && !keeps_all(true, 2));
 }
+
+void test_official_terms() {
+  // r / (sum r + 1e-8) + a / (sum a + 1e-8) + c, over 3 (models/vit.py), as a float32 expression
+  CHECK(official_importance(1.0f, 0.5f, 2.0f, 4.0f, 8.0f) == (1.0f / (4.0f + 1e-8f) + 2.0f / (8.0f + 1e-8f) + 0.5f) / 3.0f);
+  CHECK_NEAR(official_importance(1.0f, 0.5f, 2.0f, 4.0f, 8.0f), (0.25 + 0.25 + 0.5) / 3, 1e-7);
+  CHECK_NEAR(official_importance(1.0f, 0.0f, -1.0f, 2.0f, -4.0f), (0.5 + 0.25) / 3, 1e-7);   // negative A as there
+  CHECK(official_importance(0.0f, 0.0f, 0.0f, 0.0f, 0.0f) == 0.0f);                         // empty sums: 0, not NaN
+  CHECK(official_cls_term(0.0f, 0.0f) == 0.0f);                                               // every norm 0
+  CHECK_NEAR(official_cls_term(0.5f * 3.0f + 0.25f * 1.0f, 4.0f), (1.5 + 0.25) / (4.0 + 1e-8), 1e-7);
+  CHECK(std::isnan(official_importance(1.0f, 0.5f, 2.0f, kNan, 8.0f)));                      // a NaN sum reaches all
+  CHECK(std::isnan(official_cls_term(1.0f, kNan)));
+}
+
 
 // ------------------------------------------------------------------ batches
 
@@ -149,7 +164,9 @@ struct Batch {
   int64_t heads = 1, head_dim = 1, num_align = 1, cols = 1;
   float temperature = 1.0f;
   bool merge = true;
+  bool official = false;  // importance="official": headmax and each row's own head norms
   std::vector<float> x, received, cls, attn_out, align;  // [T, C], [T, H], [T, H], [T, H, D], [T, K]
+  std::vector<float> headmax;                            // [T]
   std::vector<char> protected_rows;                     // [T] or empty
   int64_t rows() const {
     int64_t t = 0;
@@ -176,7 +193,32 @@ Result reference(const Batch& in) {
     for (int64_t t = 1; t < n; ++t)
       if (!protected_at(in, start + t)) cand.push_back(start + t);
     double theta = 0.0;
-    if (!cand.empty()) {
+    if (!cand.empty() && in.official) {
+      // double125/MADTP models/vit.py: self_attn_w and token_attn_w over their sums (+ 1e-8), cls_attn weighted
+      // by the token's own head_importance = norm / (sum over heads + 1e-8).
+      double sum_r = 0.0, sum_a = 0.0;
+      std::vector<double> a(cand.size()), c(cand.size());
+      for (size_t j = 0; j < cand.size(); ++j) {
+        const int64_t r = cand[j];
+        sum_r += in.headmax[r];
+        a[j] = -INFINITY;
+        for (int64_t k = 0; k < K; ++k) a[j] = std::max<double>(a[j], in.align[r * K + k]);
+        sum_a += a[j];
+        std::vector<double> norm(H);
+        double norm_sum = 0.0;
+        for (int64_t h = 0; h < H; ++h) {
+          double sq = 0.0;
+          for (int64_t d = 0; d < D; ++d) sq += std::pow(static_cast<double>(in.attn_out[(r * H + h) * D + d]), 2);
+          norm[h] = std::sqrt(sq);
+          norm_sum += norm[h];
+        }
+        c[j] = 0.0;
+        for (int64_t h = 0; h < H; ++h) c[j] += in.cls[r * H + h] * norm[h] / (norm_sum + 1e-8);
+      }
+      for (size_t j = 0; j < cand.size(); ++j)
+        out.importance[cand[j]] = (in.headmax[cand[j]] / (sum_r + 1e-8) + a[j] / (sum_a + 1e-8) + c[j]) / 3.0;
+    }
+    if (!cand.empty() && !in.official) {
       std::vector<double> w(H);
       double sum = 0.0;
       for (int64_t h = 0; h < H; ++h) {
@@ -204,6 +246,8 @@ Result reference(const Batch& in) {
         for (size_t i = 0; i < cand.size(); ++i)
           out.importance[cand[i]] += (hi > lo ? (term[i] - lo) / (hi - lo) : 0.0) / 3.0;
       }
+    }
+    if (!cand.empty()) {
       theta = INFINITY;
       for (int64_t k = 0; k < K; ++k) {
         double peak = -INFINITY;
@@ -217,7 +261,13 @@ Result reference(const Batch& in) {
         theta = std::min(theta, num / den);
       }
     }
-    for (int64_t r : cand) out.keep[r] = out.importance[r] > theta;
+    int64_t dropped = 0;
+    for (int64_t r : cand) {
+      out.keep[r] = out.importance[r] > theta;
+      dropped += out.keep[r] ? 0 : 1;
+    }
+    if (in.merge && dropped == 1)  // n - 1 kept + 1 merged row saves nothing: keep it
+      for (int64_t r : cand) out.keep[r] = 1;
     out.theta.push_back(theta);
     start += n;
   }
@@ -254,7 +304,7 @@ Replay replay(const Batch& in) {
       continue;
     }
     std::vector<float> head_w(H);
-    for (int64_t h = 0; h < H; ++h) {
+    for (int64_t h = 0; h < H && !in.official; ++h) {
       std::vector<float> lanes(32, 0.0f);
       for (int64_t d = 0; d < D; ++d) {
         const float v = in.attn_out[(start * H + h) * D + d];
@@ -263,38 +313,64 @@ Replay replay(const Batch& in) {
       head_w[h] = std::sqrt(butterfly(lanes, add));
     }
     std::vector<float> lanes(32, 0.0f);
-    for (int64_t h = 0; h < H; ++h) lanes[h % 32] += head_w[h];
+    for (int64_t h = 0; h < H && !in.official; ++h) lanes[h % 32] += head_w[h];
     const float total = butterfly(lanes, add);
-    for (int64_t h = 0; h < H; ++h) head_w[h] = head_weight(head_w[h], total);
+    for (int64_t h = 0; h < H && !in.official; ++h) head_w[h] = head_weight(head_w[h], total);
 
     TermRange ranges[kPruneWarps][3];
+    float sums[kPruneWarps][2];
     for (int w = 0; w < kPruneWarps; ++w) {
       ranges[w][0] = ranges[w][1] = ranges[w][2] = empty_range();
+      sums[w][0] = sums[w][1] = 0.0f;
       for (int64_t i = w; i < len; i += kPruneWarps) {
         const int64_t row = start + i;
         if (!is_candidate(i, protected_at(in, row))) continue;
         std::vector<float> r(32, -kInf), c(32, 0.0f), a(32, -kInf);
-        for (int64_t h = 0; h < H; ++h) {
-          r[h % 32] = nan_max(r[h % 32], in.received[row * H + h]);
-          c[h % 32] += head_w[h] * in.cls[row * H + h];
+        if (in.official) {
+          float weighted = 0.0f, norm_sum = 0.0f;
+          for (int64_t h = 0; h < H; ++h) {
+            std::vector<float> sq(32, 0.0f);
+            for (int64_t d = 0; d < D; ++d) {
+              const float v = in.attn_out[(row * H + h) * D + d];
+              sq[d % 32] += v * v;
+            }
+            const float n = std::sqrt(butterfly(sq, add));
+            weighted += in.cls[row * H + h] * n;
+            norm_sum += n;
+          }
+          terms[row] = in.headmax[row];
+          terms[T + row] = official_cls_term(weighted, norm_sum);
+        } else {
+          for (int64_t h = 0; h < H; ++h) {
+            r[h % 32] = nan_max(r[h % 32], in.received[row * H + h]);
+            c[h % 32] += head_w[h] * in.cls[row * H + h];
+          }
+          terms[row] = butterfly(r, nan_max);
+          terms[T + row] = butterfly(c, add);
         }
         for (int64_t k = 0; k < K; ++k) a[k % 32] = nan_max(a[k % 32], in.align[row * K + k]);
-        terms[row] = butterfly(r, nan_max);
-        terms[T + row] = butterfly(c, add);
         terms[2 * T + row] = butterfly(a, nan_max);
+        sums[w][0] += terms[row];
+        sums[w][1] += terms[2 * T + row];
         for (int j = 0; j < 3; ++j) ranges[w][j] = range_add(ranges[w][j], terms[j * T + row]);
       }
     }
     TermRange rr = ranges[0][0], rc = ranges[0][1], ra = ranges[0][2];
+    float sum_r = sums[0][0], sum_a = sums[0][1];
     for (int w = 1; w < kPruneWarps; ++w) {
       rr = range_merge(rr, ranges[w][0]);
       rc = range_merge(rc, ranges[w][1]);
       ra = range_merge(ra, ranges[w][2]);
+      sum_r += sums[w][0];
+      sum_a += sums[w][1];
     }
     for (int64_t i = 0; i < len; ++i) {
       const int64_t row = start + i;
       const bool cand = is_candidate(i, protected_at(in, row));
-      const float tis = cand ? token_importance(terms[row], terms[T + row], terms[2 * T + row], rr, rc, ra) : 0.0f;
+      const float r = terms[row], c = terms[T + row], a = terms[2 * T + row];
+      const float tis = !cand         ? 0.0f
+                        : in.official ? official_importance(r, c, a, sum_r, sum_a)
+                                      : token_importance(r, c, a, rr, rc, ra);
       out.importance[row] = tis;
       out.decision[row] = decision_score(cand, tis);
     }
@@ -320,13 +396,22 @@ Replay replay(const Batch& in) {
     const float theta = butterfly(theta_lane, nan_min);
     out.theta.push_back(theta);
     out.decision_threshold.push_back(decision_threshold(theta));
+    // Pass D: with merge, exactly one dropped candidate is kept (its decision score +inf).
+    int64_t dropped = 0;
+    for (int64_t i = 0; i < len; ++i)
+      dropped += !keep_row(is_candidate(i, protected_at(in, start + i)), out.importance[start + i], theta);
+    if (keeps_all(in.merge, dropped))
+      for (int64_t i = 0; i < len; ++i)
+        if (!keep_row(is_candidate(i, protected_at(in, start + i)), out.importance[start + i], theta))
+          out.decision[start + i] = decision_score(false, 0.0f);
     start += len;
   }
   return out;
 }
 
 Batch random_batch(std::mt19937& gen, std::vector<int64_t> lengths, int64_t heads, int64_t head_dim,
-                   int64_t num_align, float temperature, double protect, bool constant = false) {
+                   int64_t num_align, float temperature, double protect, bool constant = false,
+                   bool official = false) {
   Batch in;
   in.lengths = std::move(lengths);
   in.heads = heads, in.head_dim = head_dim, in.num_align = num_align, in.temperature = temperature;
@@ -344,6 +429,8 @@ Batch random_batch(std::mt19937& gen, std::vector<int64_t> lengths, int64_t head
   for (int64_t i = 0; i < T * num_align; ++i) in.align.push_back(constant ? 1.0f : normal(gen));
   if (protect > 0)
     for (int64_t i = 0; i < T; ++i) in.protected_rows.push_back(uniform(gen) < protect);
+  in.official = official;
+  for (int64_t i = 0; i < T; ++i) in.headmax.push_back(constant ? 2.0f : 3.0f * uniform(gen));
   return in;
 }
 
@@ -364,14 +451,16 @@ void check_batch(const Batch& in, double tol, const char* what) {
       if (is_candidate(i, protected_at(in, start + i)) &&
           std::fabs(ref.importance[start + i] - ref.theta[b]) <= 2 * tol)
         close = true;
-    int64_t kept = 0;
+    int64_t kept = 0, rule_drops = 0;
     float wsum = 0.0f;
     std::vector<char> keep(len);
+    for (int64_t i = 0; i < len; ++i)
+      rule_drops += !keep_row(is_candidate(i, protected_at(in, start + i)), got.importance[start + i], got.theta[b]);
     for (int64_t i = 0; i < len; ++i) {
       const int64_t row = start + i;
       const bool cand = is_candidate(i, protected_at(in, row));
       keep[i] = keep_token(i, 1, got.decision[row], got.decision_threshold[b]);  // what the compaction does
-      CHECK(keep[i] == keep_row(cand, got.importance[row], got.theta[b]));
+      CHECK(keep[i] == (keep_row(cand, got.importance[row], got.theta[b]) || keeps_all(in.merge, rule_drops)));
       if (!close) CHECK(keep[i] == ref.keep[row]);
       if (!cand) CHECK(keep[i] && got.importance[row] == 0.0f);
       if (keep[i]) ++kept; else wsum += got.decision[row];
@@ -400,6 +489,22 @@ void check_batch(const Batch& in, double tol, const char* what) {
   if (madtp_test::failures != before) std::fprintf(stderr, "  in batch: %s\n", what);
 }
 
+void test_one_drop_is_kept_with_merge() {
+  // Length 2: one candidate, theta == its TIS (the softmax weight is exactly 1), so the rule drops it; with merge
+  // that is n - 1 + 1 = n rows: it stays (decision +inf); without merge it goes. Both formulas.
+  std::mt19937 gen(17);
+  for (int official = 0; official < 2; ++official) {
+    for (int merge = 0; merge < 2; ++merge) {
+      Batch in = random_batch(gen, {2, 5}, 2, 8, 4, 0.5f, 0.0, false, official != 0);
+      in.merge = merge != 0;
+      const Replay got = replay(in);
+      CHECK(got.theta[0] == got.importance[1]);
+      CHECK(keep_token(1, 1, got.decision[1], got.decision_threshold[0]) == (merge != 0));
+      check_batch(in, 2e-5, "one candidate");
+    }
+  }
+}
+
 void test_random_batches() {
   std::mt19937 gen(20240607);
   const int64_t length_pool[] = {0, 1, 2, 3, 6, 11, 40};
@@ -412,8 +517,8 @@ void test_random_batches() {
     for (auto& n : lengths) n = length_pool[gen() % 7];
     if (gen() % 3 == 0) lengths[gen() % lengths.size()] = 257 + gen() % 200;  // past one token tile
     const Batch in = random_batch(gen, lengths, heads_pool[gen() % 4], dim_pool[gen() % 4], align_pool[gen() % 6],
-                                  tau_pool[gen() % 4], gen() % 2 ? 0.0 : 0.2);
-    check_batch(in, 2e-5, "random");
+                                  tau_pool[gen() % 4], gen() % 2 ? 0.0 : 0.2, false, /*official=*/it % 2 == 1);
+    check_batch(in, 2e-5, in.official ? "random, official" : "random, minmax");
   }
 }
 
@@ -464,8 +569,9 @@ void test_tie_at_threshold() {
     CHECK(tie);
     check_batch(in, 2e-5, "tie at the threshold");
   }
-  // a lone candidate ties with itself: theta == its TIS (0), dropped
+  // a lone candidate ties with itself: theta == its TIS (0), dropped (without merge: test_one_drop_is_kept_with_merge)
   Batch two = random_batch(gen, {2}, 1, 4, 4, 0.3f, 0.0);
+  two.merge = false;
   const Replay got = replay(two);
   CHECK(got.theta[0] == got.importance[1] && !keep_token(1, 1, got.decision[1], got.decision_threshold[0]));
 }
@@ -534,6 +640,8 @@ int main() {
   test_normalisation();
   test_softmax_state();
   test_keep_rule();
+  test_official_terms();
+  test_one_drop_is_kept_with_merge();
   test_random_batches();
   test_long_sample_many_alignment_tokens();
   test_constant_terms_drop_every_candidate();

@@ -28,6 +28,9 @@ struct ScoreParams {
   ScoreType attn_type;
   const float* align;           // [T, K]
   const bool* protected_rows;   // [T] or nullptr
+  const float* headmax;         // [T]: read only when official
+  bool official;                // importance="official" (else "minmax")
+  bool merge;                   // the no-saving rule applies only with a merged row
   int64_t batch;
   int64_t rows;  // T: the stride of the terms' planes
   int64_t heads;
@@ -70,11 +73,16 @@ constexpr int kScoreMinBlocksPerSm = 4;
 //      min / max over the candidates;
 //   B. thread per row: TIS from the normalised terms, and the decision score;
 //   C. per tile of kAlignTile alignment tokens, lane = k, warps split the rows: online softmax of
-//      A_ik / temperature weighting TIS, the warps' states merged in order; theta = min over all k.
+//      A_ik / temperature weighting TIS, the warps' states merged in order; theta = min over all k;
+//   D. (merge) the dropped candidates counted; exactly one (keeps_all): its decision score becomes +inf.
+// official: pass A reads headmax and each row's own head norms (a warp per row, lanes across head_dim, heads in
+// order) and sums r and a over the candidates instead of their ranges; pass B divides by those sums.
 __global__ void __launch_bounds__(kThreads, kScoreMinBlocksPerSm) score_kernel(const ScoreParams p) {
   extern __shared__ float head_w[];  // [H]
   __shared__ float norm_total;
   __shared__ TermRange ranges[kPruneWarps][3];
+  __shared__ float sums[kPruneWarps][2];  // official: the warps' sums of r and a over their candidates
+  __shared__ float theta_all;
   __shared__ SoftmaxState states[kPruneWarps][kAlignTile];
 
   const int64_t b = blockIdx.x;
@@ -91,8 +99,8 @@ __global__ void __launch_bounds__(kThreads, kScoreMinBlocksPerSm) score_kernel(c
   }
   const int64_t H = p.heads, K = p.num_align;
 
-  // Head weights from the first row's attention output.
-  for (int64_t h = warp; h < H; h += kPruneWarps) {
+  // Head weights from the first row's attention output (minmax only).
+  for (int64_t h = warp; h < H && !p.official; h += kPruneWarps) {
     float sq = 0.0f;
     for (int64_t d = lane; d < p.head_dim; d += 32) {
       const float v = load_score(p.attn_out, p.attn_type, (start * H + h) * p.head_dim + d);
@@ -102,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, kScoreMinBlocksPerSm) score_kernel(c
     if (lane == 0) head_w[h] = sqrtf(sq);
   }
   __syncthreads();
-  if (warp == 0) {
+  if (warp == 0 && !p.official) {
     float s = 0.0f;
     for (int64_t h = lane; h < H; h += 32) s += head_w[h];
     s = warp_sum(s);
@@ -110,23 +118,42 @@ __global__ void __launch_bounds__(kThreads, kScoreMinBlocksPerSm) score_kernel(c
   }
   __syncthreads();
   const float total = norm_total;
-  for (int64_t h = threadIdx.x; h < H; h += kThreads) head_w[h] = head_weight(head_w[h], total);
+  for (int64_t h = threadIdx.x; h < H && !p.official; h += kThreads) head_w[h] = head_weight(head_w[h], total);
   __syncthreads();
 
   // Pass A.
   TermRange rr = empty_range(), rc = empty_range(), ra = empty_range();
+  float sum_r = 0.0f, sum_a = 0.0f;
   for (int64_t i = warp; i < len; i += kPruneWarps) {
     const int64_t row = start + i;
     if (!is_candidate(i, p.protected_rows != nullptr && p.protected_rows[row])) continue;  // uniform per warp
     float r = -INFINITY, c = 0.0f, a = -INFINITY;
-    for (int64_t h = lane; h < H; h += 32) {
-      r = nan_max(r, p.received[row * H + h]);
-      c += head_w[h] * p.cls[row * H + h];
+    if (p.official) {
+      r = p.headmax[row];
+      float weighted = 0.0f, norm_sum = 0.0f;  // lane-uniform after each warp_sum
+      for (int64_t h = 0; h < H; ++h) {
+        float sq = 0.0f;
+        for (int64_t d = lane; d < p.head_dim; d += 32) {
+          const float v = load_score(p.attn_out, p.attn_type, (row * H + h) * p.head_dim + d);
+          sq += v * v;
+        }
+        const float n = sqrtf(warp_sum(sq));
+        weighted += p.cls[row * H + h] * n;
+        norm_sum += n;
+      }
+      c = official_cls_term(weighted, norm_sum);
+    } else {
+      for (int64_t h = lane; h < H; h += 32) {
+        r = nan_max(r, p.received[row * H + h]);
+        c += head_w[h] * p.cls[row * H + h];
+      }
+      r = warp_max(r);
+      c = warp_sum(c);
     }
     for (int64_t k = lane; k < K; k += 32) a = nan_max(a, p.align[row * K + k]);
-    r = warp_max(r);
-    c = warp_sum(c);
     a = warp_max(a);
+    sum_r += r;
+    sum_a += a;
     rr = range_add(rr, r);
     rc = range_add(rc, c);
     ra = range_add(ra, a);
@@ -140,23 +167,29 @@ __global__ void __launch_bounds__(kThreads, kScoreMinBlocksPerSm) score_kernel(c
     ranges[warp][0] = rr;
     ranges[warp][1] = rc;
     ranges[warp][2] = ra;
+    sums[warp][0] = sum_r;
+    sums[warp][1] = sum_a;
   }
   __syncthreads();  // also publishes the terms (global memory, same block)
   rr = ranges[0][0], rc = ranges[0][1], ra = ranges[0][2];
+  sum_r = sums[0][0], sum_a = sums[0][1];
 #pragma unroll
   for (int w = 1; w < kPruneWarps; ++w) {
     rr = range_merge(rr, ranges[w][0]);
     rc = range_merge(rc, ranges[w][1]);
     ra = range_merge(ra, ranges[w][2]);
+    sum_r += sums[w][0];
+    sum_a += sums[w][1];
   }
 
   // Pass B.
   for (int64_t i = threadIdx.x; i < len; i += kThreads) {
     const int64_t row = start + i;
     const bool cand = is_candidate(i, p.protected_rows != nullptr && p.protected_rows[row]);
-    const float tis = cand ? token_importance(p.terms[row], p.terms[p.rows + row], p.terms[2 * p.rows + row],
-                                              rr, rc, ra)
-                           : 0.0f;
+    const float r = p.terms[row], c = p.terms[p.rows + row], a = p.terms[2 * p.rows + row];
+    const float tis = !cand        ? 0.0f
+                      : p.official ? official_importance(r, c, a, sum_r, sum_a)
+                                   : token_importance(r, c, a, rr, rc, ra);
     p.importance[row] = tis;
     p.decision[row] = decision_score(cand, tis);
   }
@@ -189,7 +222,30 @@ __global__ void __launch_bounds__(kThreads, kScoreMinBlocksPerSm) score_kernel(c
     if (lane == 0) {
       p.theta[b] = theta;
       p.decision_threshold[b] = decision_threshold(theta);
+      theta_all = theta;
     }
+  }
+  if (!p.merge) return;  // uniform over the block
+
+  // Pass D. Each thread re-reads only the rows it wrote in pass B (same i), so the decisions need no barrier.
+  __syncthreads();  // publishes theta_all
+  const float th = theta_all;
+  int dropped = 0;
+  for (int64_t base = 0; base < len; base += kThreads) {  // uniform trip count: __syncthreads_count in every one
+    const int64_t i = base + threadIdx.x;
+    bool drop = false;
+    if (i < len) {
+      const int64_t row = start + i;
+      const bool cand = is_candidate(i, p.protected_rows != nullptr && p.protected_rows[row]);
+      drop = !keep_row(cand, p.importance[row], th);
+    }
+    dropped += __syncthreads_count(drop);
+  }
+  if (!keeps_all(true, dropped)) return;
+  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+    const int64_t row = start + i;
+    const bool cand = is_candidate(i, p.protected_rows != nullptr && p.protected_rows[row]);
+    if (!keep_row(cand, p.importance[row], th)) p.decision[row] = decision_score(false, 0.0f);
   }
 }
 

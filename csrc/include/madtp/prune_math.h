@@ -55,6 +55,20 @@ MADTP_HD float token_importance(float received, float cls, float align, TermRang
   return (normalized_term(received, rr) + normalized_term(cls, rc) + normalized_term(align, ra)) / 3.0f;
 }
 
+// importance="official" (double125/MADTP models/vit.py, Attention.forward and Block.Reduce_token): the received
+// (stats.headmax) and alignment terms over their sums over the candidates, each sum + 1e-8 as there, and the cls
+// attention weighted by the token's own head-output norms n_h: sum_h cls_h n_h / (sum_h n_h + 1e-8). Same
+// order of operations as the torch reference; no span, no clamp: IEEE propagation of whatever the sums hold.
+constexpr float kOfficialEps = 1e-8f;
+
+MADTP_HD float official_cls_term(float cls_weighted, float norm_sum) {
+  return cls_weighted / (norm_sum + kOfficialEps);
+}
+
+MADTP_HD float official_importance(float headmax, float cls_term, float align, float sum_received, float sum_align) {
+  return (headmax / (sum_received + kOfficialEps) + align / (sum_align + kOfficialEps) + cls_term) / 3.0f;
+}
+
 // Online softmax over a sample's candidates for one alignment token k: running max m of the logits
 // A_ik / temperature, s = sum exp(logit - m), n = sum exp(logit - m) TIS_i. theta_k = n / s.
 struct SoftmaxState {
@@ -96,9 +110,16 @@ MADTP_HD float threshold_final(float theta, int64_t num_tokens) { return num_tok
 // (a tie drops; a NaN TIS drops; a NaN theta drops every candidate).
 MADTP_HD bool keep_row(bool candidate, float tis, float theta) { return !candidate || tis > theta; }
 
+// No saving, no pruning: with merge, a sample that would drop exactly one candidate keeps it (n - 1 kept rows and
+// the merged row are n rows; the official code skips the layer when at most one token would go). Without merge
+// the one row is saved and goes.
+MADTP_HD bool keeps_all(bool merge, int64_t dropped) { return merge && dropped == 1; }
+
 // The same rule encoded for the prune_tokens compaction (keep_token with keep_first = 1): non-candidates
 // score +inf and the threshold is made finite, so keep_token(t, 1, decision_score, decision_threshold) ==
-// keep_row for every t >= 1 (row 0 is kept by keep_first), NaN theta included. TIS is in [0, 1] or NaN.
+// keep_row for every t >= 1 (row 0 is kept by keep_first), NaN theta included. A minmax TIS is in [0, 1] or NaN;
+// an official one is finite and far below FLT_MAX unless its sums are pathological (near -1e-8) or NaN. A row that
+// keeps_all keeps gets decision_score(false, .) = +inf.
 MADTP_HD float decision_score(bool candidate, float tis) { return candidate ? tis : INFINITY; }
 MADTP_HD float decision_threshold(float theta) { return theta != theta ? FLT_MAX : theta; }
 
