@@ -34,19 +34,43 @@ def _grid(cu_seqlens: Tensor, rows: int, max_len: int):
     return valid, index, pos, starts
 
 
+# The official MADTP code's guard against an empty sum (models/vit.py: "/ (x.sum(...) + 1e-8)").
+OFFICIAL_EPS = 1e-8
+
+
+def _official_grid(received_max: Tensor, cls: Tensor, attn_out: Tensor, al: Tensor, cand: Tensor, index: Tensor,
+                   acc: torch.dtype) -> Tensor:
+    """TIS [B, L] of the official formula (double125/MADTP models/vit.py, Block.Reduce_token): received max
+    over heads (stats.headmax) and alignment max over K, each over its sum over the candidates (+ 1e-8), and
+    the cls attention weighted by the token's own head-output norms (not normalised over tokens)."""
+    norms = torch.linalg.vector_norm(attn_out.to(acc), dim=-1)                               # [T, H]
+    c = (cls.to(acc) * norms).sum(-1) / (norms.sum(-1) + OFFICIAL_EPS)                       # [T]
+    # Off the candidates a term is replaced, not multiplied by 0: a NaN there must not reach anything.
+    r = torch.where(cand, received_max.to(acc)[index], 0)
+    a = torch.where(cand, al.amax(-1), 0)
+    r_n = r / (r.sum(1, keepdim=True) + OFFICIAL_EPS)
+    a_n = a / (a.sum(1, keepdim=True) + OFFICIAL_EPS)
+    return torch.where(cand, (r_n + a_n + c[index]) / 3, 0)
+
+
 def importance_grid(cu_seqlens: Tensor, received: Tensor, cls: Tensor, attn_out: Tensor, align: Tensor,
-                    protected: Tensor | None, max_len: int, acc: torch.dtype):
+                    protected: Tensor | None, max_len: int, acc: torch.dtype, headmax: Tensor | None = None,
+                    importance: str = "minmax"):
     """(TIS [B, L], candidates [B, L], valid [B, L], row index [B, L], alignment scores [B, L, K]).
 
-    TIS = the mean of three terms, each min-max normalised over the sample's candidates (every row but the
-    first and the protected ones; 0 elsewhere and where the term is constant): attention received (max over
-    heads), attention from the first row with heads weighted by the norm of their output there, alignment
-    (max over alignment tokens). Differentiable in attn_out and align (received and cls are statistics)."""
+    "minmax": TIS = the mean of three terms, each min-max normalised over the sample's candidates (every row
+    but the first and the protected ones; 0 elsewhere and where the term is constant): attention received (max
+    over heads), attention from the first row with heads weighted by the norm of their output there, alignment
+    (max over alignment tokens). "official": _official_grid (headmax is then stats.headmax [T]).
+    Differentiable in attn_out and align (received, cls and headmax are statistics)."""
     rows = received.shape[0]
     valid, index, pos, starts = _grid(cu_seqlens, rows, max_len)
     cand = valid & (pos > 0)
     if protected is not None:
         cand = cand & ~protected[index]
+    if importance == "official":
+        al = align[index].to(acc)                                                            # [B, L, K]
+        return _official_grid(headmax, cls, attn_out, al, cand, index, acc), cand, valid, index, al
     norms = torch.linalg.vector_norm(attn_out.index_select(0, starts.clamp_max(rows - 1)).to(acc), dim=-1)
     head_weight = norms / norms.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)      # [B, H]
     al = align[index].to(acc)                                                                # [B, L, K]
@@ -84,8 +108,18 @@ def merge_weights(tis: Tensor, drop: Tensor) -> Tensor:
     return torch.where(uniform, drop.to(w.dtype), w) / torch.where(uniform, count, total)
 
 
+def keep_grid(tis: Tensor, theta: Tensor, cand: Tensor, valid: Tensor, merge: bool) -> Tensor:
+    """keep [B, L]: the rows that are not candidates, and the candidates with TIS > theta; with merge, a sample
+    that would drop exactly one candidate drops none (n - 1 kept rows + 1 merged row would save nothing)."""
+    keep = valid & (~cand | (tis > theta[:, None]))
+    if merge:
+        keep = keep | (valid & ((valid & ~keep).sum(1, keepdim=True) == 1))
+    return keep
+
+
 def score_and_prune(x: Tensor, cu_seqlens: Tensor, received: Tensor, cls: Tensor, attn_out: Tensor, align: Tensor,
-                    temperature: float, protected: Tensor | None, merge: bool, max_len: int):
+                    temperature: float, protected: Tensor | None, merge: bool, max_len: int,
+                    headmax: Tensor | None = None, importance: str = "minmax"):
     """-> (y [T, C], cu_new int32 [B+1], kept_index int32 [T], protected_new bool [T] (or [0]),
     importance fp32 [T], theta fp32 [B]). Output rows at and past cu_new[-1] are capacity, not results."""
     rows, batch = x.shape[0], cu_seqlens.shape[0] - 1
@@ -95,9 +129,9 @@ def score_and_prune(x: Tensor, cu_seqlens: Tensor, received: Tensor, cls: Tensor
                 torch.zeros(0 if protected is None else 0, dtype=torch.bool, device=x.device),
                 x.new_empty((0,), dtype=acc), x.new_zeros((batch,), dtype=acc))
     tis, cand, valid, index, al = importance_grid(cu_seqlens, received, cls, attn_out, align, protected, max_len,
-                                                  acc)
+                                                  acc, headmax, importance)
     theta = threshold_grid(tis, cand, al, temperature)
-    keep = valid & (~cand | (tis > theta[:, None]))
+    keep = keep_grid(tis, theta, cand, valid, merge)
     drop = valid & ~keep
     has_merged = drop.any(1) if merge else torch.zeros_like(drop[:, 0])
     cu_new = offsets_of((keep.sum(1) + has_merged).to(torch.int32))
@@ -129,7 +163,8 @@ def score_and_prune(x: Tensor, cu_seqlens: Tensor, received: Tensor, cls: Tensor
 
 def score_and_prune_backward(grad_y: Tensor, x: Tensor, cu_seqlens: Tensor, received: Tensor, cls: Tensor,
                              attn_out: Tensor, align: Tensor, protected: Tensor | None, merge: bool, max_len: int,
-                             cu_new: Tensor, kept_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                             cu_new: Tensor, kept_index: Tensor, headmax: Tensor | None = None,
+                             importance: str = "minmax") -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for x, attn_out and align, for any backend's forward: the forward's decisions (kept_index)
     are replayed, the importance is recomputed with autograd, and the output rows rebuilt from it."""
     rows = x.shape[0]
@@ -138,7 +173,8 @@ def score_and_prune_backward(grad_y: Tensor, x: Tensor, cu_seqlens: Tensor, rece
     acc = accumulate_dtype(x.dtype)
     with torch.enable_grad():
         xg, ag, alg = (t.detach().requires_grad_() for t in (x, attn_out, align))
-        tis, cand, valid, index, _ = importance_grid(cu_seqlens, received, cls, ag, alg, protected, max_len, acc)
+        tis, cand, valid, index, _ = importance_grid(cu_seqlens, received, cls, ag, alg, protected, max_len, acc,
+                                                     headmax, importance)
         # Capacity rows past cu_new[-1] are not results: their gradient is ignored (no host read to find them).
         live = torch.arange(rows, device=x.device) < cu_new[-1]
         source = kept_index.long()

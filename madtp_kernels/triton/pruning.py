@@ -7,11 +7,14 @@ Three Triton launches and two small torch ops (zeros + cumsum for cu_new), nothi
   1. `_score_kernel`, one program per sample, four passes over its tokens in BLOCK_T tiles:
        a. the raw terms (received max over heads, cls weighted by the head norms of the first row, alignment
           max over K tiles) -> a [3, T] fp32 scratch, with the running min / max over the candidates;
+          OFFICIAL: received = stats.headmax, cls weighted by the row's own head norms (a head at a time), and
+          the running sums of received and alignment over the candidates instead;
        b. the TIS from the scratch -> importance (0 off the candidates) and the compaction's per-row score
           (TIS for candidates, +inf for the rows that always stay: the first and the protected ones);
        c. K tiles outer, token tiles inner: per alignment token an online softmax over the candidates
           (running max, sum exp, sum exp * TIS) -> theta = the min over alignment tokens (0 without candidates);
-       d. the sample's output row count from the scores, by the compaction's own rule.
+       d. the sample's output row count from the scores, by the compaction's own rule; with MERGE, a sample
+          that drops exactly one candidate keeps it (no saving): its score becomes +inf.
      Barriers order the passes: a program reads back rows that other threads of it wrote.
   2. cu_new = the exclusive prefix of the counts.
   3. `tokens._compact_kernel` (prune_tokens' compaction, reused unchanged, fp32 scores and thresholds): keeps
@@ -48,6 +51,9 @@ _SCORE_BLOCK_T = 64
 _SCORE_BLOCK_K = 64
 _SCORE_NUM_WARPS = 8
 _SCORE_BLOCK_D = 64
+# official: each token's own head norms, a [BLOCK_T, 32] tile of one head per step (64 wide: 253 registers on
+# sm_80, at the cap; 32: 216).
+_SCORE_BLOCK_DT = 32
 _FINISH_BLOCK_R = 64
 _FINISH_BLOCK_C = 64
 _NUM_WARPS = 4
@@ -67,9 +73,9 @@ def _nan_min(x, axis: tl.constexpr):
 
 @triton.jit
 def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, scratch_ptr, importance_ptr,
-                  score_ptr, theta_ptr, dthr_ptr, rows_ptr, inv_tau, T, H, D, K,
-                  HAS_PROT: tl.constexpr, MERGE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                  score_ptr, theta_ptr, dthr_ptr, rows_ptr, headmax_ptr, inv_tau, T, H, D, K,
+                  HAS_PROT: tl.constexpr, MERGE: tl.constexpr, OFFICIAL: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DT: tl.constexpr):
     b = tl.program_id(0)
     start = tl.load(cu_ptr + b).to(tl.int64)
     length = (tl.load(cu_ptr + b + 1) - start).to(tl.int32)
@@ -86,17 +92,21 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
     score_ptr += start
     if HAS_PROT:
         prot_ptr += start
-
-    # Head weights from the first row's attention output: w_h = |o_h| / sum_h' |o_h'|.
-    sq = tl.zeros([BLOCK_H], dtype=tl.float32)
-    first = tl.minimum(start, T - 1)   # an empty last sample must not read past the buffer
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        o = tl.load(attn_ptr + first * H * D + heads[:, None] * D + d[None, :],
-                    mask=head_ok[:, None] & (d < D)[None, :] & (length > 0), other=0.0).to(tl.float32)
-        sq += tl.sum(o * o, axis=1)
-    norms = tl.sqrt(sq)
-    weight = norms / tl.maximum(tl.sum(norms, axis=0), 1.1754943508222875e-38, propagate_nan=tl.PropagateNan.ALL)
+    if OFFICIAL:
+        headmax_ptr += start
+        attn_ptr += start * H * D   # each token's own head norms (int32 offsets inside the sample)
+    else:
+        # Head weights from the first row's attention output: w_h = |o_h| / sum_h' |o_h'|.
+        sq = tl.zeros([BLOCK_H], dtype=tl.float32)
+        first = tl.minimum(start, T - 1)   # an empty last sample must not read past the buffer
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            o = tl.load(attn_ptr + first * H * D + heads[:, None] * D + d[None, :],
+                        mask=head_ok[:, None] & (d < D)[None, :] & (length > 0), other=0.0).to(tl.float32)
+            sq += tl.sum(o * o, axis=1)
+        norms = tl.sqrt(sq)
+        weight = norms / tl.maximum(tl.sum(norms, axis=0), 1.1754943508222875e-38,
+                                    propagate_nan=tl.PropagateNan.ALL)
 
     # Pass a: raw terms to the scratch, running min / max over candidates. The running values are scalars:
     # per-row vectors live in the [BLOCK_T, BLOCK_K] tile's row layout, replicated across its lanes.
@@ -106,6 +116,8 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
     hi_r = float("-inf")
     hi_c = float("-inf")
     hi_a = float("-inf")
+    sum_r = 0.0   # official: the received and alignment terms' sums over the candidates
+    sum_a = 0.0
     n_cand = 0
     for t0 in range(0, length, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -114,11 +126,29 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
         if HAS_PROT:
             cand = cand & (tl.load(prot_ptr + t, mask=valid, other=1) == 0)
         n_cand += tl.sum(cand.to(tl.int32), axis=0)
-        rh_mask = valid[:, None] & head_ok[None, :]
-        rec = tl.load(received_ptr + t[:, None] * H + heads[None, :], mask=rh_mask, other=float("-inf"))
-        r = _nan_max(rec, 1)
-        cl = tl.load(cls_ptr + t[:, None] * H + heads[None, :], mask=rh_mask, other=0.0)
-        c = tl.sum(cl * weight[None, :], axis=1)
+        if OFFICIAL:
+            # r = stats.headmax; c = sum_h cls_h n_h / (sum_h n_h + 1e-8), n_h = |o_h| of this token: one head
+            # at a time, a [BLOCK_T, BLOCK_D] tile per step (a [BLOCK_T, H, D] tile would not fit registers).
+            r = tl.load(headmax_ptr + t, mask=valid, other=0.0)
+            c_num = tl.zeros([BLOCK_T], dtype=tl.float32)
+            n_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for h in range(0, H):
+                sq_t = tl.zeros([BLOCK_T], dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_DT):
+                    d = d0 + tl.arange(0, BLOCK_DT)
+                    o = tl.load(attn_ptr + t[:, None] * (H * D) + h * D + d[None, :],
+                                mask=cand[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+                    sq_t += tl.sum(o * o, axis=1)
+                n_h = tl.sqrt(sq_t)
+                c_num += tl.load(cls_ptr + t * H + h, mask=cand, other=0.0) * n_h
+                n_sum += n_h
+            c = c_num / (n_sum + 1e-8)
+        else:
+            rh_mask = valid[:, None] & head_ok[None, :]
+            rec = tl.load(received_ptr + t[:, None] * H + heads[None, :], mask=rh_mask, other=float("-inf"))
+            r = _nan_max(rec, 1)
+            cl = tl.load(cls_ptr + t[:, None] * H + heads[None, :], mask=rh_mask, other=0.0)
+            c = tl.sum(cl * weight[None, :], axis=1)
         a = tl.full([BLOCK_T], float("-inf"), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + ks
@@ -128,6 +158,9 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
         tl.store(scratch_ptr + t, r, mask=valid)
         tl.store(scratch_ptr + T + t, c, mask=valid)
         tl.store(scratch_ptr + 2 * T + t, a, mask=valid)
+        if OFFICIAL:   # off the candidates replaced by 0, not multiplied: a NaN there reaches nothing
+            sum_r += tl.sum(tl.where(cand, r, 0.0), axis=0)
+            sum_a += tl.sum(tl.where(cand, a, 0.0), axis=0)
         lo_r = tl.minimum(lo_r, _nan_min(tl.where(cand, r, float("inf")), 0),
                             propagate_nan=tl.PropagateNan.ALL)
         lo_c = tl.minimum(lo_c, _nan_min(tl.where(cand, c, float("inf")), 0),
@@ -166,11 +199,14 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
         r = tl.load(scratch_ptr + t, mask=valid, other=0.0)
         c = tl.load(scratch_ptr + T + t, mask=valid, other=0.0)
         a = tl.load(scratch_ptr + 2 * T + t, mask=valid, other=0.0)
-        # (the scalar flag second: the interpreter cannot broadcast a scalar comparison into an &)
-        nr = tl.where(ok_r, tl.where(cand, (r - min_r) / span_r, 0.0), 0.0)
-        nc = tl.where(ok_c, tl.where(cand, (c - min_c) / span_c, 0.0), 0.0)
-        na = tl.where(ok_a, tl.where(cand, (a - min_a) / span_a, 0.0), 0.0)
-        tis = (nr + nc + na) / 3.0
+        if OFFICIAL:
+            tis = tl.where(cand, (r / (sum_r + 1e-8) + a / (sum_a + 1e-8) + c) / 3.0, 0.0)
+        else:
+            # (the scalar flag second: the interpreter cannot broadcast a scalar comparison into an &)
+            nr = tl.where(ok_r, tl.where(cand, (r - min_r) / span_r, 0.0), 0.0)
+            nc = tl.where(ok_c, tl.where(cand, (c - min_c) / span_c, 0.0), 0.0)
+            na = tl.where(ok_a, tl.where(cand, (a - min_a) / span_a, 0.0), 0.0)
+            tis = (nr + nc + na) / 3.0
         tl.store(importance_ptr + t, tis, mask=valid)
         tl.store(score_ptr + t, tl.where(cand, tis, float("inf")), mask=valid)
     tl.debug_barrier()   # the scores are read below by other threads of this program
@@ -208,7 +244,8 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
     theta = tl.where(n_cand > 0, theta, 0.0)
     tl.store(theta_ptr + b, theta)
     # The compaction's threshold: a NaN theta drops every candidate (TIS > NaN is false) but must keep the rows
-    # that always stay, whose score is +inf; FLT_MAX does both (a TIS is at most 1, or NaN).
+    # that always stay, whose score is +inf; FLT_MAX does both (a minmax TIS is at most 1, or NaN; an official
+    # one is far below FLT_MAX unless a term's sum is within ~1e-38 of -1e-8).
     theta = tl.where(theta != theta, 3.4028234663852886e38, theta)
     tl.store(dthr_ptr + b, theta)
 
@@ -221,7 +258,16 @@ def _score_kernel(received_ptr, cls_ptr, attn_ptr, align_ptr, prot_ptr, cu_ptr, 
         n_kept += tl.sum((valid & ((t < 1) | (s > theta))).to(tl.int32), axis=0)
     rows_out = n_kept
     if MERGE:
-        rows_out += (n_kept < length).to(tl.int32)
+        # No saving, no pruning: n - 1 kept rows + 1 merged row. The dropped row's score becomes +inf, so the
+        # compaction keeps it (importance keeps its TIS).
+        if length - n_kept == 1:
+            for t0 in range(1, length, BLOCK_T):
+                t = t0 + tl.arange(0, BLOCK_T)
+                valid = t < length
+                s = tl.load(score_ptr + t, mask=valid, other=float("inf"))
+                tl.store(score_ptr + t, tl.full([BLOCK_T], float("inf"), tl.float32), mask=valid & ~(s > theta))
+            rows_out = length
+        rows_out += (rows_out < length).to(tl.int32)
     tl.store(rows_ptr + b, rows_out)
 
 
@@ -255,7 +301,7 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 def score_and_prune(x: torch.Tensor, cu_seqlens: torch.Tensor, received: torch.Tensor, cls: torch.Tensor,
                     attn_out: torch.Tensor, align: torch.Tensor, temperature: float, protected: torch.Tensor | None,
-                    merge: bool, max_len: int):
+                    merge: bool, max_len: int, headmax: torch.Tensor | None = None, importance: str = "minmax"):
     """-> (y [T, C], cu_new int32 [B+1], kept_index int32 [T], protected_new bool [T] (or [0]),
     importance fp32 [T], theta fp32 [B]); rows at and past cu_new[-1] are capacity (zeros)."""
     rows, C = x.shape
@@ -269,6 +315,7 @@ def score_and_prune(x: torch.Tensor, cu_seqlens: torch.Tensor, received: torch.T
     D = attn_out.shape[2]
     K = align.shape[1]
     scratch = torch.empty((3, rows), dtype=torch.float32, device=dev)
+    official = importance == "official"
     importance = torch.empty(rows, dtype=torch.float32, device=dev)
     score = torch.empty(rows, dtype=torch.float32, device=dev)
     theta = torch.empty(batch, dtype=torch.float32, device=dev)
@@ -277,9 +324,11 @@ def score_and_prune(x: torch.Tensor, cu_seqlens: torch.Tensor, received: torch.T
     prot = protected.view(torch.uint8) if protected is not None else counts   # unused without HAS_PROT
     _score_kernel[(batch,)](
         received, cls, attn_out, align, prot, cu_seqlens, scratch, importance, score, theta, decision, counts,
-        1.0 / temperature, rows, H, D, K,
-        HAS_PROT=protected is not None, MERGE=merge, BLOCK_T=_SCORE_BLOCK_T, BLOCK_H=_pow2(H, 2, 1 << 30),
-        BLOCK_D=_pow2(D, 16, _SCORE_BLOCK_D), BLOCK_K=_pow2(K, 16, _SCORE_BLOCK_K), num_warps=_SCORE_NUM_WARPS)
+        headmax if official else score, 1.0 / temperature, rows, H, D, K,   # (score: unused without OFFICIAL)
+        HAS_PROT=protected is not None, MERGE=merge, OFFICIAL=official, BLOCK_T=_SCORE_BLOCK_T,
+        BLOCK_H=_pow2(H, 2, 1 << 30),
+        BLOCK_D=_pow2(D, 16, _SCORE_BLOCK_D), BLOCK_K=_pow2(K, 16, _SCORE_BLOCK_K),
+        BLOCK_DT=_pow2(D, 16, _SCORE_BLOCK_DT), num_warps=_SCORE_NUM_WARPS)
     cu_new = torch.zeros(batch + 1, dtype=torch.int32, device=dev)
     torch.cumsum(counts, 0, dtype=torch.int32, out=cu_new[1:])
 
@@ -305,20 +354,21 @@ def _aot_specs() -> list[AotSpec]:
     # ViT-B / BERT-base heads with MADTP's 100 alignment tokens for every attn_out dtype; ViT-L's 16 heads;
     # a narrow K (one 16-wide K tile). Scores and statistics are fp32 whatever the rows' dtype.
     score_cases = [(dt, 12, 100) for dt in ("fp16", "bf16", "fp32")] + [("fp16", 16, 100), ("fp16", 12, 8)]
-    for attn_dt, heads, k_tokens in score_cases:
+    for (attn_dt, heads, k_tokens), official in [(c, False) for c in score_cases] + [(c, True) for c in score_cases]:
         for has_prot in (False, True):
             specs.append(AotSpec(
                 _score_kernel,
                 {"received_ptr": "*fp32", "cls_ptr": "*fp32", "attn_ptr": f"*{attn_dt}", "align_ptr": "*fp32",
                  "prot_ptr": "*u8" if has_prot else "*i32", "cu_ptr": "*i32", "scratch_ptr": "*fp32",
                  "importance_ptr": "*fp32", "score_ptr": "*fp32", "theta_ptr": "*fp32", "dthr_ptr": "*fp32",
-                 "rows_ptr": "*i32",
+                 "rows_ptr": "*i32", "headmax_ptr": "*fp32",
                  "inv_tau": "fp32", "T": "i32", "H": "i32", "D": "i32", "K": "i32"},
-                {"HAS_PROT": has_prot, "MERGE": True, "BLOCK_T": _SCORE_BLOCK_T,
+                {"HAS_PROT": has_prot, "MERGE": True, "OFFICIAL": official, "BLOCK_T": _SCORE_BLOCK_T,
                  "BLOCK_H": _pow2(heads, 2, 1 << 30), "BLOCK_D": _pow2(64, 16, _SCORE_BLOCK_D),
-                 "BLOCK_K": _pow2(k_tokens, 16, _SCORE_BLOCK_K)},
+                 "BLOCK_K": _pow2(k_tokens, 16, _SCORE_BLOCK_K), "BLOCK_DT": _pow2(64, 16, _SCORE_BLOCK_DT)},
                 num_warps=_SCORE_NUM_WARPS,
-                label=f"attn {attn_dt} H={heads} D=64 K={k_tokens} protected={int(has_prot)}"))
+                label=f"attn {attn_dt} H={heads} D=64 K={k_tokens} protected={int(has_prot)} "
+                      f"{'official' if official else 'minmax'}"))
     for dt in ("fp16", "bf16", "fp32"):
         for merge in (False, True):
             specs.append(AotSpec(

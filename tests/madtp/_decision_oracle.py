@@ -9,6 +9,17 @@ Per sample, over its candidates i (every row but the first and the protected one
   theta = min_k sum_i softmax_i(A[i, k] / tau) TIS_i   (0 for a sample without candidates)
   keep: the first row, the protected rows, the candidates with TIS_i > theta, in order; then (merge) one row,
   the TIS-weighted mean of the dropped rows (their plain mean if those TIS sum to 0).
+  No saving, no pruning: with merge, a sample that would drop exactly one candidate drops none (the official
+  Block.Reduce_token returns x unchanged when `reduce_num <= 1`).
+
+importance="official" transcribes double125/MADTP models/vit.py (Attention.forward, Block.Reduce_token) with the
+official tensors' roles: the candidates are its patch tokens (`[:, 1:]`),
+  self_attn_w = attn[:, :, 1:, 1:].max(1)[0].sum(dim=1)  -> headmax[i] (given: sum over non-first queries of the
+                                                             max over heads), then / (sum over candidates + 1e-8)
+  token_attn_w = token_attn.max(2)[0] / (its sum + 1e-8)  -> max_k A[i, k] over the candidates' sum
+  head_importance = attn_out[..., 1:, :].norm(dim=-1) / (its sum over heads + 1e-8)   (each token's own heads)
+  cls_attn = (attn[:, :, 0, 1:] * head_importance).sum(heads)  -> sum_h cls[i, h] n_ih / (sum_h n_ih + 1e-8)
+  Importance_score = (self_attn_w + token_attn_w + cls_attn) / 3; the threshold as above.
 """
 from __future__ import annotations
 
@@ -47,21 +58,45 @@ def _minmax(values: list[float]) -> list[float]:
     return [(v - lo) / (hi - lo) if hi > lo else 0.0 for v in values]
 
 
+OFFICIAL_EPS = 1e-8   # models/vit.py: "/ (... .sum(dim=1, keepdim=True) + 1e-8)"
+
+
+def _official_tis(cand, headmax, cls, attn_out, align) -> list[float]:
+    """Block.Reduce_token's Importance_score over the candidates (see the module docstring), in float64."""
+    self_attn_w = [float(headmax[i]) for i in cand]
+    total = sum(self_attn_w)
+    self_attn_w = [v / (total + OFFICIAL_EPS) for v in self_attn_w]
+    token_attn_w = [max(float(v) for v in align[i]) for i in cand]
+    total = sum(token_attn_w)
+    token_attn_w = [v / (total + OFFICIAL_EPS) for v in token_attn_w]
+    cls_attn = []
+    for i in cand:
+        head_importance = [math.sqrt(sum(float(v) ** 2 for v in attn_out[i, h])) for h in range(attn_out.shape[1])]
+        total = sum(head_importance)
+        cls_attn.append(sum(float(cls[i, h]) * v / (total + OFFICIAL_EPS) for h, v in enumerate(head_importance)))
+    return [(p + q + s) / 3 for p, q, s in zip(self_attn_w, token_attn_w, cls_attn, strict=True)]
+
+
 def decide(x, received, cls, attn_out, align, protected, temperature: float, merge: bool,
-           flip: frozenset[int] = frozenset()) -> SampleDecision:
-    """One sample: x [L, C], received/cls [L, H], attn_out [L, H, D], align [L, K], protected: list[bool] (len L).
-    `flip`: candidates whose keep decision is inverted (to follow a float32 decision on an ambiguous token)."""
+           flip: frozenset[int] = frozenset(), *, importance: str = "minmax", headmax=None) -> SampleDecision:
+    """One sample: x [L, C], received/cls [L, H], attn_out [L, H, D], align [L, K], protected: list[bool] (len L),
+    headmax [L] (importance="official"). `flip`: candidates whose keep decision is inverted (to follow a float32
+    decision on an ambiguous token), applied before the no-saving rule."""
     x, received, cls, attn_out, align = (d(t) for t in (x, received, cls, attn_out, align))
     n = x.shape[0]
     cand = [i for i in range(1, n) if not protected[i]]
     if not cand:
         return SampleDecision({}, 0.0, list(range(n)), [], None)
-    norms = [math.sqrt(sum(float(v) ** 2 for v in attn_out[0, h])) for h in range(attn_out.shape[1])]
-    w = [v / sum(norms) for v in norms]
-    r = [max(float(v) for v in received[i]) for i in cand]
-    c = [sum(w[h] * float(cls[i, h]) for h in range(len(w))) for i in cand]
-    a = [max(float(v) for v in align[i]) for i in cand]
-    tis = [(p + q + s) / 3 for p, q, s in zip(_minmax(r), _minmax(c), _minmax(a), strict=True)]
+    if importance == "official":
+        tis = _official_tis(cand, d(headmax), cls, attn_out, align)
+    else:
+        assert importance == "minmax", importance
+        norms = [math.sqrt(sum(float(v) ** 2 for v in attn_out[0, h])) for h in range(attn_out.shape[1])]
+        w = [v / sum(norms) for v in norms]
+        r = [max(float(v) for v in received[i]) for i in cand]
+        c = [sum(w[h] * float(cls[i, h]) for h in range(len(w))) for i in cand]
+        a = [max(float(v) for v in align[i]) for i in cand]
+        tis = [(p + q + s) / 3 for p, q, s in zip(_minmax(r), _minmax(c), _minmax(a), strict=True)]
     sums = []
     for k in range(align.shape[1]):
         logits = [float(align[i, k]) / temperature for i in cand]
@@ -71,6 +106,8 @@ def decide(x, received, cls, attn_out, align, protected, temperature: float, mer
     theta = min(sums)
     by = dict(zip(cand, tis, strict=True))
     stays = {i: (by[i] > theta) != (i in flip) for i in cand}
+    if merge and sum(not v for v in stays.values()) == 1:   # reduce_num <= 1: the official returns x as it is
+        stays = dict.fromkeys(cand, True)
     kept = [i for i in range(n) if i not in by or stays[i]]
     dropped = [i for i in cand if not stays[i]]
     merged = None
@@ -82,13 +119,15 @@ def decide(x, received, cls, attn_out, align, protected, temperature: float, mer
     return SampleDecision(by, theta, kept, dropped, merged)
 
 
-def decide_batch(x, lengths, received, cls, attn_out, align, protected, temperature, merge):
+def decide_batch(x, lengths, received, cls, attn_out, align, protected, temperature, merge, *,
+                 importance="minmax", headmax=None):
     """Packed rows: lengths (list[int]) split the rows into samples; protected: list[bool] over all rows."""
     out, start = [], 0
     for n in lengths:
         s = slice(start, start + n)
         out.append(decide(x[s], received[s], cls[s], attn_out[s], align[s], protected[start:start + n],
-                          temperature, merge))
+                          temperature, merge, importance=importance,
+                          headmax=None if headmax is None else headmax[s]))
         start += n
     return out
 

@@ -26,7 +26,8 @@ def random_case(seed, lengths, heads=3, dim=8, width=12, tokens=5):
     align = torch.randn(rows, tokens, generator=g) * 2
     x = torch.randn(rows, width, generator=g)
     protected = torch.rand(rows, generator=g) < 0.15
-    return x, received, cls, attn_out, align, protected
+    headmax = torch.rand(rows, generator=g) * 3
+    return x, received, cls, attn_out, align, protected, headmax
 
 
 def backends():
@@ -36,29 +37,32 @@ def backends():
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("merge", [True, False])
-def test_score_and_prune_matches_the_oracle(backend, seed, merge):
+@pytest.mark.parametrize("importance", ["minmax", "official"])
+def test_score_and_prune_matches_the_oracle(backend, seed, merge, importance):
     g = torch.Generator().manual_seed(100 + seed)
     lengths = [int(n) for n in torch.randint(0, 40, (5,), generator=g)] + [0, 1, 2, 3, 4]
-    x, received, cls, attn_out, align, protected = random_case(seed, lengths)
+    x, received, cls, attn_out, align, protected, headmax = random_case(seed, lengths)
     protected[-10:] = False   # the short samples have candidates: one (TIS 0, theta 0), two, and
-    for t in (received, cls, align):   # the last sample's candidates all alike (every term constant)
-        t[-3:] = t[-1]
+    for t in (received, cls, align, headmax, attn_out):   # the last sample's candidates all alike (every term
+        t[-3:] = t[-1]                                     # constant)
     temperature = [0.05, 0.3, 1.0, 4.0][seed]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     with madtp_kernels.use_backend(backend):
-        out = madtp_kernels.score_and_prune(x, cu, (received, cls), attn_out, align, temperature=temperature,
-                                            protected=protected, merge=merge)
+        out = madtp_kernels.score_and_prune(x, cu, madtp_kernels.AttentionStats(received, cls, headmax), attn_out,
+                                            align, temperature=temperature, protected=protected, merge=merge,
+                                            importance=importance)
     got_lengths = out.layout.lengths()
     start_in, start_out = 0, 0
     for b, n in enumerate(lengths):
         s = slice(start_in, start_in + n)
         args = (x[s], received[s], cls[s], attn_out[s], align[s], protected[s].tolist(), temperature, merge)
-        dec = oracle.decide(*args)
+        kw = dict(importance=importance, headmax=headmax[s])
+        dec = oracle.decide(*args, **kw)
         # A token within AMBIGUOUS of theta may go either way in fp32: follow the op there, nowhere else.
         got = set(out.kept_index[start_out:start_out + got_lengths[b]].tolist())
         flip = frozenset(i for i in dec.ambiguous(AMBIGUOUS) if (start_in + i in got) != (i in dec.kept))
         if flip:
-            dec = oracle.decide(*args, flip=flip)
+            dec = oracle.decide(*args, flip=flip, **kw)
         assert abs(float(out.threshold[b]) - dec.theta) <= 1e-5, (b, float(out.threshold[b]), dec.theta)
         for i, t in dec.tis.items():
             assert abs(float(out.importance[start_in + i]) - t) <= 1e-5, (b, i)
