@@ -342,3 +342,53 @@ def test_training_forward_gives_finite_gradients():
     grads = [p.grad for p in model.vision_model.encoder.layers[0].parameters()]
     assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
     assert math.isfinite(float(out.loss.detach()))
+
+
+# ------------------------------------------------------------------ a batch of one: the policies coincide
+
+def test_a_batch_of_one_gives_our_outputs_on_clip():
+    # One sample: topk_num is its own count and its top-k are exactly its tokens above theta; the merged row's
+    # weights differ by the 1e-8 only. So where the published execution keeps our counts in every layer of a
+    # tower (it does not where ours drops one token, or every candidate: it skips those layers), that tower's
+    # output is ours.
+    torch.manual_seed(0)
+    model = madtp.apply(CLIPModel(tiny_config()).eval(), madtp.MADTPConfig(num_alignment_tokens=8, temperature=1.0))
+    agree = {"vision_model": 0, "text_model": 0}
+    for b, length in enumerate((9, 2, 6, 5, 8, 7)):
+        x = inputs(batch=1, lengths=(length,), seed=b)
+        outs, reports = {}, {}
+        for execution in ("padded", "published"):
+            madtp.set_execution(model, execution)
+            with torch.no_grad():
+                outs[execution] = model(**x)
+            reports[execution] = {k: v.tolist() for k, v in madtp.pruning_report(model).items()}
+        for tower, output in (("vision_model", "image_embeds"), ("text_model", "text_embeds")):
+            if any(reports["published"][k] != v for k, v in reports["padded"].items() if k.startswith(tower)):
+                continue
+            agree[tower] += 1
+            torch.testing.assert_close(getattr(outs["published"], output), getattr(outs["padded"], output),
+                                       atol=1e-5, rtol=1e-5)
+    assert agree["vision_model"] >= 4 and agree["text_model"] >= 1, f"too few samples kept the same counts: {agree}"
+
+
+def test_blip_runs_the_published_policy():
+    # BLIP: the image tower (compact output, read by the text layers' cross-attention and the decoders) and the
+    # text tower (merged rows on) prune; every image keeps the batch's count.
+    from test_blip import build
+    from test_blip import inputs as blip_inputs
+    from transformers import BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+    x = blip_inputs(lengths=(6, 3, 9, 5))
+    for cls in (BlipForImageTextRetrieval, BlipForQuestionAnswering):
+        model = madtp.apply(build(cls, vision_width=64), madtp.MADTPConfig(num_alignment_tokens=8, temperature=1.0,
+                                                                           execution="published"))
+        with torch.no_grad():
+            if cls is BlipForImageTextRetrieval:
+                out = model(**x).itm_score
+            else:
+                out = model.generate(**{k: v.clone() for k, v in x.items()}, max_new_tokens=3, do_sample=False)
+        assert out.shape[0] == 4 and (out.dtype != torch.float32 or bool(torch.isfinite(out).all()))
+        report = madtp.pruning_report(model)
+        vision = [v.tolist() for k, v in report.items() if k.startswith("vision_model.")]
+        assert vision and all(len(set(v)) == 1 for v in vision), report
+        assert any(v[0] < 17 for v in vision), "no image layer pruned"
