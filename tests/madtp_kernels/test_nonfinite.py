@@ -352,6 +352,8 @@ def score_oracle(x, lengths, received, cls, attn_out, align, tau, protected):
         thetas.append(float(theta))
         keep = [r for r in rows if r not in cand or bool(importance[r] > theta)]
         dropped = [r for r in rows if r not in keep]
+        if len(dropped) == 1:   # merge: n - 1 kept + 1 merged row saves nothing, so nothing is dropped
+            keep, dropped = rows, []
         ys += [x[r] for r in keep]
         index += keep
         if dropped:
