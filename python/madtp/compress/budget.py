@@ -13,12 +13,21 @@
 All GFLOPs here are dense-weight-equivalent (a SparseLinear is counted as the dense Linear it replaces): the 2:4
 credit is applied once, in split_budget.
 
+Which passes count: the table, the cost model and the controller count the model's forwards except those run
+inside `madtp.tasks.auxiliary_pass` (training-only work: hard negatives), so that they measure what the budget's
+reference and the report count (`task.cost_inputs`: the passes of the task's inference). With `batch_size`
+given to measure_sensitivity, GFLOPs are per pair of the batch, summed over its counted passes (BLIP retrieval:
+ITC + ITM); the cost model then knows each branch's tower passes per pair (`CostModel.passes`), and the
+controller scales its per-tower-forward estimate by it.
+
 The cost model (how the controller knows the GFLOPs of a forward without counting it). A tower's work is a
 linear function of row statistics that the pruned forward knows anyway (the branch record's kept rows per layer,
 and the tower's input lengths, read by hooks), in two parts:
 - Linear layers, exactly: each Linear (the alignment map included) costs 2 * in * out per row it runs on, and it
   runs on one of: the rows entering its layer (attention projections), the rows after that layer's pruning (the
-  MLP; BLIP's cross-attention queries), the memory rows (BLIP's cross-attention keys and values), or, outside the
+  MLP; BLIP's cross-attention queries), the memory rows (BLIP's cross-attention keys and values), the rows after
+  pruning of the samples that cross-attend (BLIP's cross-attention queries when the calibration mixes ITC's
+  unimodal text passes with ITM's image-grounded ones), or, outside the
   layers, the rows scored for alignment (the map) or one row per sample. Which, is read off the calibration
   forwards: the counter's per-module FLOPs / (2 * in * out) equal exactly one of these row counts.
 - the rest (attention, the alignment products, the patch embedding), small next to the Linear layers, fitted by
@@ -46,6 +55,7 @@ from madtp_kernels import SparseLinear
 
 from ..config import check_temperature
 from ..patch import _state, find_towers, set_temperature
+from ..tasks.retrieval import in_auxiliary_pass
 from ..train.engine import Callback
 from .hwp import GROUP, _sparse_layers
 
@@ -54,7 +64,8 @@ __all__ = ["SensitivityEntry", "SensitivityTable", "CostModel", "measure_sensiti
 
 BRANCHES = ("vision", "text")
 REST = ("samples", "rows_scored", "pool", "pairs_pruning", "pairs_other", "cross")
-LAYER_CLASSES = ("in", "out", "memory")    # rows a Linear inside a layer runs on (columns of _Rows.layers)
+# rows a Linear inside a layer runs on (columns of _Rows.layers); "cross": "out" of the samples that cross-attend
+LAYER_CLASSES = ("in", "out", "memory", "cross")
 TOWER_CLASSES = ("scored", "samples")      # rows a Linear outside the layers runs on
 WEIGHT_SPARSITY = {None: 1.0, "2:4": 0.5}
 
@@ -65,7 +76,8 @@ WEIGHT_SPARSITY = {None: 1.0, "2:4": 0.5}
 class _Rows:
     """Row statistics of one tower forward, summed over its samples."""
     samples: int
-    layers: Tensor   # [L, 3] float64: rows into each layer's Linear layers before and after its pruning, memory rows
+    layers: Tensor   # [L, 4] float64: rows into each layer's Linear layers before and after its pruning, memory
+                     # rows, rows after its pruning of the samples with memory
     rest: Tensor     # [len(REST)] float64
 
     def __add__(self, other: _Rows) -> _Rows:
@@ -79,9 +91,11 @@ class _Rows:
 
 class _Watcher:
     """Hooks on the towers of a madtp-applied model: after each tower forward, its row statistics (_Rows), from
-    the tower's inputs and the branch record. `when(tower module)` says which forwards count."""
+    the tower's inputs and the branch record. `when(tower module)` says which forwards count; forwards inside
+    `madtp.tasks.auxiliary_pass(model)` never do."""
 
     def __init__(self, model: nn.Module, when: Callable[[nn.Module], bool] = lambda m: True):
+        self.model = model
         self.state = _state(model)
         self.towers = find_towers(model)
         self.when = when
@@ -97,7 +111,7 @@ class _Watcher:
         key = id(tower.module)
 
         def read_inputs(module, args, kwargs):
-            if self.when(module):
+            if self.when(module) and not in_auxiliary_pass(self.model):
                 bound = signature.bind_partial(*args, **kwargs).arguments
                 self._inputs[key] = (tower.spec.inputs(module, bound), None)
 
@@ -141,14 +155,14 @@ class _Watcher:
         training = self.state.recording or torch.is_grad_enabled()
         memory = self._memory_rows(inputs, batch)
         top = lambda t: torch.full_like(t, float(t.max()) if t.numel() else 0.0)  # noqa: E731
-        layers = torch.zeros(len(tower.layer_names), 3, dtype=torch.float64)
+        layers = torch.zeros(len(tower.layer_names), len(LAYER_CLASSES), dtype=torch.float64)
         rest = dict.fromkeys(REST, 0.0)
         rest["samples"] = float(batch)
         for i, name in enumerate(tower.layer_names):
             out = torch.tensor(kept[name], dtype=torch.float64) if name in kept else rows
             lin_in, lin_out = (top(rows), top(out)) if padded else (rows, out)
             pairs = lin_in * lin_in if padded or not tower.spec.causal else rows * (rows + 1) / 2
-            layers[i] = torch.stack([lin_in.sum(), lin_out.sum(), memory.sum()])
+            layers[i] = torch.stack([lin_in.sum(), lin_out.sum(), memory.sum(), (lin_out * (memory > 0)).sum()])
             # Alignment scores run in pruning layers, and in every layer of a forward that records (training);
             # the pooled features only there (madtp.executor).
             if name in kept or training:
@@ -196,13 +210,17 @@ class CostModel:
     coef: dict[str, list[float]]                      # branch -> coefficients of the rest over REST
     execution: str
     residual: dict[str, float] = field(default_factory=dict)
+    # branch -> the branch's counted tower forwards per sample (measure_sensitivity with batch_size: BLIP
+    # retrieval runs each tower in ITC and ITM, 2); the controller's GFLOPs per sample are its per-forward
+    # estimate times this (absent: 1)
+    passes: dict[str, float] = field(default_factory=dict)
 
     def flops(self, branch: str, rows: _Rows) -> float:
         linear = sum(per_row * rows.of(cls, layer) for cls, layer, per_row in self.linear[branch])
         return linear + float(rows.rest @ torch.tensor(self.coef[branch], dtype=torch.float64))
 
     def estimate(self, branch: str, rows: _Rows) -> float:
-        """GFLOPs per sample."""
+        """GFLOPs per sample of the tower forward(s) `rows` describes."""
         return self.flops(branch, rows) / max(rows.samples, 1) / 1e9
 
     @staticmethod
@@ -265,16 +283,62 @@ class _Count:
     rows: dict[str, _Rows]      # branch -> row statistics of the call
 
 
+class _Uncounted:
+    """Hooks on the model and its towers: the FLOPs the counter saw during forwards inside
+    `madtp.tasks.auxiliary_pass` (model calls and direct tower calls alike), to be taken off its counts."""
+
+    def __init__(self, model: nn.Module, towers, counter: FlopCounterMode):
+        self.model, self.counter = model, counter
+        self.depth, self.before = 0, None
+        self.flops: dict[str, dict] = {}
+        self._handles = []
+        for m in [model, *(t.module for t in towers)]:
+            self._handles += [m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._leave)]
+
+    def _enter(self, module, args):
+        if self.depth or in_auxiliary_pass(self.model):
+            if not self.depth:
+                self.before = self.counter.get_flop_counts()
+            self.depth += 1
+
+    def _leave(self, module, args, output):
+        if not self.depth:
+            return
+        self.depth -= 1
+        if not self.depth:
+            for key, ops in self.counter.get_flop_counts().items():
+                seen = self.flops.setdefault(key, {})
+                for op, n in ops.items():
+                    seen[op] = seen.get(op, 0) + n - self.before.get(key, {}).get(op, 0)
+
+    def remove_from(self, counts: dict[str, dict]) -> dict[str, dict]:
+        return {key: {op: n - self.flops.get(key, {}).get(op, 0) for op, n in ops.items()}
+                for key, ops in counts.items()}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def _counted(model: nn.Module, towers, eligible, linears, fn) -> tuple[object, _Count]:
-    """Run fn() under the FLOP counter, attributed as madtp.count_flops does (per tower module)."""
+    """Run fn() under the FLOP counter, attributed as madtp.count_flops does (per tower module); forwards inside
+    `madtp.tasks.auxiliary_pass` are left out (of the FLOPs and of the row statistics)."""
     counter = FlopCounterMode(display=False)
+    # Name every module from the root now: the counter names a module when it first runs, so a direct tower call
+    # before the model call (CLIP's hard negatives) would file the tower's layers under the tower's own name.
+    name_from = getattr(getattr(counter, "mod_tracker", None), "_get_mod_name", None)
+    if callable(name_from):
+        name_from(model)
     watcher = _Watcher(model)
+    uncounted = _Uncounted(model, towers, counter)
     try:
         with counter:
             result = fn()
     finally:
         watcher.close()
-    counts = counter.get_flop_counts()
+        uncounted.close()
+    counts = uncounted.remove_from(counter.get_flop_counts())
     root = type(model).__name__
     flops = lambda fqn: float(sum(counts.get(f"{root}.{fqn}" if fqn else root, {}).values()))  # noqa: E731
     modules = {}
@@ -327,10 +391,16 @@ class SensitivityTable:
 
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, calib_batches: Iterable, temperatures: Iterable[float],
-                        loss_fn: Callable[[nn.Module, object], Tensor]) -> SensitivityTable:
+                        loss_fn: Callable[[nn.Module, object], Tensor],
+                        batch_size: Callable[[object], int] | None = None) -> SensitivityTable:
     """For each branch and temperature: GFLOPs and loss(model, batch), averaged over calib_batches, with only that
     branch pruned (model in eval mode, no grad; temperatures and mode restored after). Also fits the cost model
-    the TemperatureController uses (table.cost_model)."""
+    the TemperatureController uses (table.cost_model).
+
+    GFLOPs count loss_fn's forwards except those inside `madtp.tasks.auxiliary_pass`. batch_size(batch): the
+    batch's samples (pairs); given, GFLOPs are per sample summed over every counted pass (what
+    madtp.compress.pipeline.count_gflops counts over task.cost_inputs) and table.cost_model.passes says how many
+    tower forwards per sample each branch ran; None: per sample of each tower forward (one pass per sample)."""
     state = _state(model)
     temperatures = [check_temperature("temperatures", t) for t in temperatures]
     if not temperatures or None in temperatures:
@@ -344,24 +414,29 @@ def measure_sensitivity(model: nn.Module, calib_batches: Iterable, temperatures:
     eligible, linears = _eligible(model, towers), _linears(model, towers)
     saved, was_training = dict(state.temperature), model.training
     fit: dict[str, list[tuple[_Rows, float, dict[str, float]]]] = {b: [] for b in branches}
+    passes: dict[str, float] = {}
 
     def run(temperature: float | None, branch: str | None) -> SensitivityEntry:
         set_temperature(model, **{b: (temperature if b == branch else None) for b in BRANCHES})
-        loss, other = 0.0, 0.0
+        loss, other, pairs = 0.0, 0.0, 0
         flops, linear, samples = (dict.fromkeys(BRANCHES, 0.0) for _ in range(3))
         for batch in batches:
             value, count = _counted(model, towers, eligible, linears, lambda b=batch: loss_fn(model, b))
             loss += float(value)
             other += count.other
+            pairs += _samples(batch_size, batch) if batch_size is not None else 0
             for b, rows in count.rows.items():
                 flops[b] += count.tower[b]
                 linear[b] += count.linear[b]
                 samples[b] += rows.samples
                 fit[b].append((rows, count.tower[b], count.modules))
-        per = {b: flops[b] / samples[b] / 1e9 if samples[b] else 0.0 for b in BRANCHES}
-        lin = {b: linear[b] / samples[b] / 1e9 if samples[b] else 0.0 for b in BRANCHES}
-        per["other"] = other / (samples["vision"] or samples["text"] or 1) / 1e9
+        # per pair over all counted passes, or (no batch_size) per sample of each tower forward
+        per_sample = {b: pairs if batch_size is not None else samples[b] for b in BRANCHES}
+        per = {b: flops[b] / per_sample[b] / 1e9 if per_sample[b] else 0.0 for b in BRANCHES}
+        lin = {b: linear[b] / per_sample[b] / 1e9 if per_sample[b] else 0.0 for b in BRANCHES}
+        per["other"] = other / (pairs or samples["vision"] or samples["text"] or 1) / 1e9
         per["total"] = per["vision"] + per["text"] + per["other"]
+        passes.update({b: samples[b] / pairs for b in BRANCHES if samples[b] and pairs})
         return SensitivityEntry(temperature, loss / len(batches), per, lin)
 
     try:
@@ -371,8 +446,16 @@ def measure_sensitivity(model: nn.Module, calib_batches: Iterable, temperatures:
     finally:
         state.temperature.update(saved)
         model.train(was_training)
-    return SensitivityTable(temperatures, dense, entries, CostModel.fit(fit, linears, state.execution),
-                            state.execution)
+    cost_model = CostModel.fit(fit, linears, state.execution)
+    cost_model.passes = passes if batch_size is not None else {}
+    return SensitivityTable(temperatures, dense, entries, cost_model, state.execution)
+
+
+def _samples(batch_size: Callable[[object], int], batch) -> int:
+    n = batch_size(batch)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"batch_size: expected an int >= 1 for every calibration batch, got {n!r}")
+    return n
 
 
 # ------------------------------------------------------------------ the split
@@ -445,7 +528,10 @@ class TemperatureController(Callback):
     slope = d(gflops / target) / d(log T) near the operating point (from the sensitivity table; negative, since
     a higher temperature prunes more), clamped to [min_temperature, max_temperature], the integral frozen while
     the output is clamped (no wind-up). Only forwards in training mode are counted (evaluation
-    passes are not). state_dict holds T0, the integral and the temperatures: a resume continues exactly.
+    passes are not), and of those not the ones inside `madtp.tasks.auxiliary_pass` (hard negatives: the table
+    leaves them out too). GFLOPs are per sample over the sample's passes, as the table counts them (the cost
+    model's per-forward estimate times `cost_model.passes`). state_dict holds T0, the integral and the
+    temperatures: a resume continues exactly.
     """
 
     def __init__(self, model: nn.Module, cost_model: CostModel, targets: dict[str, float],
@@ -527,6 +613,9 @@ class TemperatureController(Callback):
             if branch in sums and branch in self.cost_model.coef:
                 sums[branch][0] += self.cost_model.flops(branch, rows) / 1e9
                 sums[branch][1] += rows.samples
+        # GFLOPs per sample over the sample's passes (the table's unit): BLIP retrieval counts ITC and ITM
+        for b in BRANCHES:
+            sums[b][0] *= self.cost_model.passes.get(b, 1.0)
         vec = torch.tensor([v for b in BRANCHES for v in sums[b]], dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"

@@ -31,6 +31,13 @@ the path given), controller state included; steps 1-3 are deterministic and are 
 only). A resume with no checkpoint yet starts from step 0. With several targets each has its own directory
 <output_dir>/target-<t>/ (model, checkpoints, metrics.jsonl); one report and one plot cover them all.
 
+GFLOPs (the budget's reference, the sensitivity table, the controller's targets, the report) all count one thing:
+what the task's inference runs per sample, the model calls `task.cost_inputs(batch)` lists (a task without it:
+`task.model_inputs`), summed, per sample of the batch. ClipRetrieval, ImageTextMatching, BlipVQA: the main pass;
+BlipRetrieval: ITC (ranking) + ITM on the true pairs (re-ranking), as the Hugging Face model runs them (its ITM call
+encodes the image again). Training-only passes (hard negatives) run in `madtp.tasks.auxiliary_pass` and are not
+counted by the table or the controller; compress checks that the table counts what count_gflops counts.
+
 Timings are labelled with the device they were taken on ("CPU" or "GPU (<name>)"): CPU numbers say nothing about
 the GPU kernels. Under torchrun the Trainer runs DDP; every rank measures (the same figures), rank 0 alone
 writes the model and the report.
@@ -388,8 +395,36 @@ def _batch_size(inputs: dict) -> int:
     return 1
 
 
+def cost_inputs(task, batch: dict, model: nn.Module) -> list[dict]:
+    """The model calls whose GFLOPs are the model's for this task (task.cost_inputs, passing the model where its
+    signature takes it; a task without it: [task.model_inputs(batch)]), each over the batch's samples."""
+    fn = getattr(task, "cost_inputs", None)
+    if not callable(fn):
+        return [model_inputs(task, batch, model)]
+    passes = fn(batch, model) if len(inspect.signature(fn).parameters) >= 2 else fn(batch)
+    if not passes or not all(isinstance(p, dict) for p in passes):
+        raise TypeError(f"task: {type(task).__name__}.cost_inputs must return a non-empty list of model-input "
+                        f"dicts, got {passes!r:.80}")
+    return list(passes)
+
+
+def gflops_definition(task) -> str:
+    """What the model's GFLOPs count for this task, in words (the first line of cost_inputs' docstring)."""
+    doc = inspect.getdoc(getattr(task, "cost_inputs", None)) if callable(getattr(task, "cost_inputs", None)) \
+        else None
+    what = doc.splitlines()[0].rstrip(".") if doc else "the main pass (task.model_inputs)"
+    if what[1:2].islower():   # "The paired pass" -> "the paired pass"; "ITC ..." stays
+        what = what[:1].lower() + what[1:]
+    return f"{type(task).__name__}: {what}"
+
+
+def _batch_samples(task, batch: dict, model: nn.Module) -> int:
+    return _batch_size(model_inputs(task, batch, model))
+
+
 def count_gflops(model: nn.Module, task, batches: Sequence[dict]) -> dict[str, float]:
-    """madtp.count_flops over the batches (task.model_inputs of each), per sample, weighted by batch size."""
+    """madtp.count_flops over the batches, per sample, weighted by batch size: each batch's passes
+    (`cost_inputs`: what the task's inference runs; BLIP retrieval ITC + ITM) summed."""
     from ..flops import count_flops
 
     device = _device_of(model)
@@ -398,11 +433,16 @@ def count_gflops(model: nn.Module, task, batches: Sequence[dict]) -> dict[str, f
     model.eval()
     try:
         for batch in batches:
-            inputs = model_inputs(task, _to(batch, device), model)
-            b = _batch_size(inputs)
-            counted = count_flops(model, **inputs)
-            for k in totals:
-                totals[k] += counted[k] * b
+            batch = _to(batch, device)
+            b = _batch_samples(task, batch, model)
+            for inputs in cost_inputs(task, batch, model):
+                if _batch_size(inputs) != b:
+                    raise ValueError(f"task: {type(task).__name__}.cost_inputs gave a pass over "
+                                     f"{_batch_size(inputs)} samples, the batch has {b}: each pass runs over the "
+                                     "batch's samples")
+                counted = count_flops(model, **inputs)
+                for k in totals:
+                    totals[k] += counted[k] * b
             samples += b
     finally:
         model.train(was_training)
@@ -495,11 +535,22 @@ def _calibration_batches(dataset, collate_fn, micro_batch_size: int, count: int)
     return batches
 
 
-def _main_pass(batch: dict) -> dict:
-    """The batch without its hard-negative captions: a task encodes those with a direct tower call (CLIP's
-    get_text_features), outside the model call the FLOP counter attributes per tower, so the sensitivity table
-    would count their samples but not their FLOPs. Without them every tower call goes through the model."""
-    return {k: v for k, v in batch.items() if not k.startswith("negatives")}
+def sensitivity(model: nn.Module, task, calib: Sequence[dict], temperatures: Sequence[float]) -> SensitivityTable:
+    """The sensitivity table compress budgets with: the loss is task.loss on the whole batch (hard negatives
+    included), the GFLOPs its passes outside `auxiliary_pass`, per sample: the passes count_gflops counts."""
+    return measure_sensitivity(model, calib, temperatures, lambda m, b: task.loss(m, b)["loss"],
+                               batch_size=lambda b: _batch_samples(task, b, model))
+
+
+def _check_same_passes(model: nn.Module, table: SensitivityTable, task, calib: Sequence[dict]) -> None:
+    """The table must count the passes count_gflops counts (the report's and the reference's): on the same
+    batches with pruning off (as the model is here) the two agree."""
+    table_gflops, counted = table.dense.gflops["total"], count_gflops(model, task, calib)["total"]
+    if not math.isclose(table_gflops, counted, rel_tol=1e-6):
+        raise ValueError(f"task: {type(task).__name__}.loss runs model passes worth {table_gflops:.6g} GFLOPs per "
+                         f"sample with pruning off, its cost_inputs {counted:.6g}: the sensitivity table would "
+                         "budget another quantity than the report counts. Run training-only passes (hard negatives) "
+                         "inside madtp.tasks.auxiliary_pass(model), or list every inference pass in cost_inputs")
 
 
 def _interpolate_temperature(table: SensitivityTable, branch: str, target: float, fallback: float) -> float:
@@ -655,7 +706,8 @@ def _compress_one(model, teacher, task, train_dataset, collate_fn, eval_batches,
     calib = [_to(b, device) for b in calib]
     _say(verbose, f"target {target:g}: sensitivity over {len(config.temperatures)} temperatures x "
                   f"{len(calib)} calibration batches")
-    table = measure_sensitivity(model, calib, config.temperatures, lambda m, b: task.loss(m, _main_pass(b))["loss"])
+    table = sensitivity(model, task, calib, config.temperatures)
+    _check_same_passes(model, table, task, calib)
     try:
         temps = split_budget(table, target, dense_gflops=dense_calib, weight_sparsity=config.budget_sparsity,
                              unreachable=config.unreachable)
@@ -794,6 +846,9 @@ def compress(model: nn.Module, task, train_dataset, eval_data, config: CompressC
         "compressed": [r.to_dict() for r in results],
         "notes": ["GFLOPs per sample as madtp.count_flops counts them: 2:4 SparseLinear at half; other N:M patterns "
                   "as dense (no hardware runs them faster)",
+                  f"GFLOPs per sample count what the task's inference runs, {gflops_definition(task)}; the budget, "
+                  "the sensitivity table and the controller count the same passes (training-only hard negatives "
+                  "left out)",
                   f"latency: median of {config.latency_repeats} forwards of one eval batch "
                   f"({_batch_size(model_inputs(task, latency_batch, teacher))} samples) on {dense.device}"],
     }

@@ -7,13 +7,24 @@
 
 Each task has forward(model, batch) -> (TaskOutput, losses), loss(model, batch), logits(outputs) (what knowledge
 distillation matches), model_inputs(batch) (the main pass, whose MADTP records the task leaves in place) and
-metric(model, loader). The shared contract is described in `madtp.tasks.retrieval`. Importing this package does not
-import transformers.
+metric(model, loader), and may have cost_inputs(batch) (the passes whose GFLOPs are the model's; training-only
+passes run in auxiliary_pass(model)). The shared contract is described in `madtp.tasks.retrieval`. Importing this
+package does not import transformers.
 """
 from .matching import ClipMatchingHead, ImageTextMatching, MatchingCollate
-from .retrieval import BlipRetrieval, ClipRetrieval, RetrievalCollate, TaskOutput, hf_tokenize, retrieval_recall, unwrap
+from .retrieval import (
+    BlipRetrieval,
+    ClipRetrieval,
+    RetrievalCollate,
+    TaskOutput,
+    auxiliary_pass,
+    hf_tokenize,
+    in_auxiliary_pass,
+    retrieval_recall,
+    unwrap,
+)
 from .vqa import BlipVQA, VQACollate, answer_tokens
 
 __all__ = ["BlipRetrieval", "BlipVQA", "ClipMatchingHead", "ClipRetrieval", "ImageTextMatching", "MatchingCollate",
-           "RetrievalCollate", "TaskOutput", "VQACollate", "answer_tokens", "hf_tokenize", "retrieval_recall",
-           "unwrap"]
+           "RetrievalCollate", "TaskOutput", "VQACollate", "answer_tokens", "auxiliary_pass", "hf_tokenize",
+           "in_auxiliary_pass", "retrieval_recall", "unwrap"]

@@ -71,6 +71,12 @@ class ImageTextMatching:
             inputs["use_itm_head"] = True
         return inputs
 
+    def cost_inputs(self, batch: dict, model: nn.Module | None = None) -> list[dict]:
+        """The one pair pass (BLIP: ITM; CLIP: both encoders).
+
+        The model calls whose GFLOPs are the model's for this task (madtp.compress budgets and reports them)."""
+        return [self.model_inputs(batch, model)]
+
     def _scores(self, model: nn.Module, batch: dict) -> tuple[Tensor, object]:
         m = unwrap(model)
         kind = _kind(m)

@@ -6,7 +6,15 @@ Every task is a small dataclass with
     loss(model, batch) -> dict                               forward's dict (the Trainer's Task protocol)
     logits(outputs) -> Tensor                                what knowledge distillation matches
     model_inputs(batch) -> dict                              the kwargs of the task's main model call
+    cost_inputs(batch) -> list[dict]                         the model calls of the task's inference (below)
     metric(model, loader) -> dict[str, float]                every value in [0, 1]
+
+"The model's GFLOPs" for a task (what `madtp.compress` budgets, controls and reports) are what the task's inference
+runs for one sample: the model calls `cost_inputs(batch)` lists, each over the batch's B true pairs, summed, per
+pair. CLIP retrieval and matching: the one call `model_inputs` describes. BLIP retrieval: ITC (ranking) and ITM
+(re-ranking the pair). Work that only training runs (hard negatives: CLIP's negative captions, BLIP's ITM false
+pairs) runs inside `auxiliary_pass(model)`, which the GFLOPs controller and the sensitivity table leave out, so
+that they count the same passes as the budget and the report.
 
 `model` may be DDP-wrapped: the main pass goes through `model(...)`, attributes are read from
 `getattr(model, "module", model)`. A task that runs several passes (hard negatives, ITC then ITM) leaves the
@@ -32,7 +40,8 @@ restatements ("B right of A" for "A left of B") are not recognised at this level
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["TaskOutput", "ClipRetrieval", "BlipRetrieval", "RetrievalCollate", "hf_tokenize", "retrieval_recall",
-           "unwrap", "Tokenize"]
+           "unwrap", "Tokenize", "auxiliary_pass", "in_auxiliary_pass"]
 
 Tokenize = Callable[[Sequence[str]], tuple[Tensor, Tensor]]
 
@@ -59,6 +68,30 @@ class TaskOutput:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
+
+
+_AUXILIARY = "_madtp_auxiliary_passes"
+
+
+@contextmanager
+def auxiliary_pass(model: nn.Module) -> Iterator[None]:
+    """Marks the forwards run inside as training-only work (hard negatives): not one of the passes that define
+    the task's GFLOPs (`cost_inputs`), so the GFLOPs controller and the sensitivity table do not count them."""
+    m = unwrap(model)
+    depth = m.__dict__.get(_AUXILIARY, 0)
+    m.__dict__[_AUXILIARY] = depth + 1
+    try:
+        yield
+    finally:
+        if depth:
+            m.__dict__[_AUXILIARY] = depth
+        else:
+            m.__dict__.pop(_AUXILIARY, None)
+
+
+def in_auxiliary_pass(model: nn.Module) -> bool:
+    """Whether `model` is running inside `auxiliary_pass`."""
+    return bool(unwrap(model).__dict__.get(_AUXILIARY, 0))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -250,7 +283,8 @@ class ClipRetrieval:
     the batch's texts and, with use_negatives and negatives in the batch, its own k hard-negative captions (extra
     columns, target 0); text j against the batch's images. Texts equal to an image's caption and images of the same
     image_index are positives too (soft targets). The negatives' text pass runs first, so the MADTP records are
-    those of the paired pass.
+    those of the paired pass, and as an `auxiliary_pass` (retrieval at inference encodes each text once: the
+    model's GFLOPs are the paired pass, `cost_inputs`).
 
     logits(outputs): logits_per_image [B, B] of the paired pass.
     metric: i2t_r1, t2i_r1 (recall@1 over the whole eval set, `retrieval_recall`) and, when the eval batches carry
@@ -261,6 +295,12 @@ class ClipRetrieval:
         _require(batch, "pixel_values", "input_ids", "attention_mask", task="ClipRetrieval")
         return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
 
+    def cost_inputs(self, batch: dict) -> list[dict]:
+        """The paired pass: each image and each text encoded once (the hard negatives are training-only).
+
+        The model calls whose GFLOPs are the model's for this task (madtp.compress budgets and reports them)."""
+        return [self.model_inputs(batch)]
+
     def forward(self, model: nn.Module, batch: dict) -> tuple[TaskOutput, dict[str, Tensor]]:
         inputs = self.model_inputs(batch)
         m = unwrap(model)
@@ -269,7 +309,9 @@ class ClipRetrieval:
         if negatives is not None:
             b, k, length = negatives.shape
             mask = batch["negatives_attention_mask"].reshape(b * k, length)
-            feats = _features(m.get_text_features(input_ids=negatives.reshape(b * k, length), attention_mask=mask))
+            with auxiliary_pass(model):
+                feats = _features(m.get_text_features(input_ids=negatives.reshape(b * k, length),
+                                                      attention_mask=mask))
             neg_embeds = F.normalize(feats, dim=-1).reshape(b, k, -1)
         out = model(**inputs)
         logits = out.logits_per_image                                          # [B, B], scaled
@@ -358,8 +400,10 @@ class BlipRetrieval:
     ITC similarity (without gradient); with use_provided_negatives and negatives in the batch, an image's false
     text is its first provided hard negative instead. Pairs with no false partner in the batch are skipped.
 
-    Passes: ITC over the pairs (main pass: `model_inputs`), then one ITM pass over positives and negatives; the
-    MADTP records are restored to the ITC pass's afterwards.
+    Passes: ITC over the pairs (main pass: `model_inputs`), an ITM pass over the true pairs, then one over the
+    negatives (an `auxiliary_pass`); the MADTP records are restored to the ITC pass's afterwards. The model's
+    GFLOPs (`cost_inputs`) are what BLIP's retrieval inference runs per pair: ITC (ranking) and ITM (re-ranking),
+    each as the Hugging Face model runs it (its ITM call encodes the image again: that is counted too).
     logits(outputs): the ITC logits_per_image = similarities / temperature [B, B].
     metric: i2t_r1, t2i_r1 by ITC over the whole eval set; itm_acc: ITM accuracy on each batch's true pairs and
     one false text per image (provided, else the hardest by ITC); hard_negative_acc (with negatives): the ITM
@@ -377,6 +421,15 @@ class BlipRetrieval:
         _require(batch, "pixel_values", "input_ids", "attention_mask", task="BlipRetrieval")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                 "pixel_values": batch["pixel_values"], "use_itm_head": False}
+
+    def cost_inputs(self, batch: dict) -> list[dict]:
+        """ITC (ranking) and ITM on the true pairs (re-ranking), each as the Hugging Face model runs it.
+
+        The model calls whose GFLOPs are the model's for this task (madtp.compress budgets and reports them): what
+        BLIP's retrieval inference runs per pair. The ITM call encodes the image again (the model takes no image
+        features), and that second vision pass is counted as it runs."""
+        itc = self.model_inputs(batch)
+        return [itc, {**itc, "use_itm_head": True}]
 
     def _negative_pairs(self, batch: dict, sims: Tensor, pos: Tensor, pad_id: int, use_provided: bool):
         """Pixel rows and (ids, mask) blocks of the false pairs."""
@@ -402,17 +455,21 @@ class BlipRetrieval:
         loss_itc = (soft_cross_entropy(logits, pos) + soft_cross_entropy(logits.t(), pos.t())) / 2
         pad = _pad_id(model)
         neg_pix, neg_ids, neg_mask = self._negative_pairs(batch, sims, pos, pad, self.use_provided_negatives)
-        ids, mask = _cat_texts([(batch["input_ids"], batch["attention_mask"]), (neg_ids, neg_mask)], pad)
         b, n_neg = pos.shape[0], neg_pix.shape[0]
-        itm = model(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([batch["pixel_values"], neg_pix]),
-                    use_itm_head=True)
+        # The true pairs apart from the negatives: the first is the inference ITM pass (cost_inputs), the second
+        # only training runs. Pruning decides per sample, so the split changes no sample's result.
+        itm_true = model(**self.cost_inputs(batch)[1]).itm_score
+        with auxiliary_pass(model):
+            itm_false = model(input_ids=neg_ids, attention_mask=neg_mask, pixel_values=neg_pix,
+                              use_itm_head=True).itm_score
         _restore(model, saved)
+        itm_score = torch.cat([itm_true, itm_false])
         labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(n_neg, dtype=torch.long)]).to(sims.device)
-        loss_itm = F.cross_entropy(itm.itm_score.float(), labels)
+        loss_itm = F.cross_entropy(itm_score.float(), labels)
         loss = self.itc_weight * loss_itc + self.itm_weight * loss_itm
         logs = {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
-                "itm_acc": (itm.itm_score.argmax(dim=1) == labels).float().mean().detach()}
-        return TaskOutput(logits=logits, output=itc, extras={"itm_logits": itm.itm_score, "itm_labels": labels}), logs
+                "itm_acc": (itm_score.argmax(dim=1) == labels).float().mean().detach()}
+        return TaskOutput(logits=logits, output=itc, extras={"itm_logits": itm_score, "itm_labels": labels}), logs
 
     def loss(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
         return self.forward(model, batch)[1]
