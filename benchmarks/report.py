@@ -9,9 +9,12 @@ groups (bench_models.py, named "model ...") get their own table: speedup over de
 that `madtp.count_flops` measured, the token-layers kept, how much of the ideal speedup (1 / GFLOPs fraction)
 became time, and ragged over padded at the same budget; and a PNG of speedup against GFLOPs fraction.
 
-The prediction for an H100 is a lower bound on time, never a measurement: for ops the roofline
-max(bytes / 3.0 TB/s, FLOPs / 800 TFLOP/s), for models FLOPs / 800 TFLOP/s (dense fp16/bf16 tensor cores;
-2:4 sparse GEMMs at up to 2x).
+The prediction for an H100 is never a measurement: for ops the roofline max(bytes / 3.35 TB/s, FLOPs / 989 TFLOP/s),
+for models FLOPs / 989 TFLOP/s (the H100 SXM datasheet's peaks: HBM3 bandwidth, dense fp16/bf16 tensor cores; 2:4
+sparse GEMMs at its 1979 TFLOP/s with sparsity). Peaks over the work an op must do make it a lower bound on time,
+and only such rows are labelled so; the launch budget's GPU times add typical launch and sync costs and are
+estimates. Op rows are compared with the baseline of their kind (`extra_info["baseline"]`; the statistics rows with
+the baseline that computes statistics), and the run's sizes, shapes and threads are read from the JSON.
 """
 from __future__ import annotations
 
@@ -25,9 +28,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
-H100_BYTES_PER_S = 3.0e12        # device copy bandwidth measured on an H100
-H100_DENSE_FLOPS = 800e12        # dense bf16/fp16 GEMM
-BASELINES = ("baseline", "dense", "padded-sdpa")
+# NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: GPU memory bandwidth 3.35 TB/s; FP16 and BF16 Tensor Core
+# 1,979 TFLOPS "with sparsity" (2:4), half that dense.
+H100_SOURCE = ("NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: 3.35 TB/s GPU memory bandwidth, 989 TFLOP/s dense "
+               "FP16/BF16 Tensor Core, 1979 TFLOP/s with 2:4 sparsity")
+H100_BYTES_PER_S = 3.35e12
+H100_DENSE_FLOPS = 989e12
+H100_SPARSE_FLOPS = 1979e12
+BASELINES = ("baseline", "dense", "padded-sdpa")   # rows of older JSON that record no "baseline" flag
+SPREAD_PREFIX = "ragged gain vs length spread"
+# extra_info keys that describe a run's sizes, in the order the provenance lists them
+SIZE_KEYS = ("batch", "tokens", "layers", "width", "heads", "head_dim", "lengths", "in_features", "out_features",
+             "mean_len", "pruning_layers")
 MODEL_PREFIX = "model "
 NOT_REACHED = 0.05               # a measured GFLOPs fraction this far from its target did not reach it
 
@@ -65,9 +77,35 @@ class Row:
         return bool(self.info.get("sparse")) or ("sparse_linear" in self.group and self.impl.startswith("madtp"))
 
     @property
+    def is_baseline(self) -> bool:
+        flag = self.info.get("baseline")
+        return bool(flag) if flag is not None else self.impl in BASELINES
+
+    @property
     def predicted_h100_s(self) -> float:
-        compute = self.flops / (H100_DENSE_FLOPS * (2 if self.sparse else 1))
-        return compute if self.is_model else max(self.bytes / H100_BYTES_PER_S, compute)
+        # Both terms are floors: the weights (models) or operands (ops) must cross HBM once, the FLOPs must run.
+        compute = self.flops / (H100_SPARSE_FLOPS if self.sparse else H100_DENSE_FLOPS)
+        return max(self.bytes / H100_BYTES_PER_S, compute)
+
+    @property
+    def bound(self) -> str:
+        return "memory" if self.bytes / H100_BYTES_PER_S >= self.predicted_h100_s else "compute"
+
+    @property
+    def prediction_kind(self) -> str:
+        """"lower bound" where the prediction is the datasheet's peaks over recorded work, which is what the op
+        must do (conftest.record); otherwise "estimate". A row that records neither bytes nor FLOPs predicts 0 s,
+        which bounds nothing worth stating."""
+        return "lower bound" if (self.bytes > 0 or self.flops > 0) else "estimate"
+
+
+def baseline_for(row: Row, members: list[Row]) -> Row | None:
+    """The row `row`'s speedup is over: a baseline of the group that computes what it computes (the statistics rows
+    of attention: the baseline that also computes them); None if the group has none of its kind."""
+    bases = [m for m in members if m.is_baseline]
+    stats = bool(row.info.get("stats"))
+    same = [m for m in bases if bool(m.info.get("stats")) == stats]
+    return same[0] if same else None
 
 
 def load_json(path: str) -> tuple[dict, list[Row]]:
@@ -121,19 +159,29 @@ def model_results(members: list[Row]) -> list[ModelResult]:
     dense = next((r for r in members if r.impl == "dense"), None)
     padded = {(r.info.get("budget"), r.info.get("gflops_fraction")): r for r in members
               if r.info.get("execution") == "padded"}
-    order = {"dense": 0, "ragged": 1, "padded": 2}
+    order = {"dense": 0, "control": 1, "decision": 2, "ragged": 3, "padded": 4}
     out = []
     for r in sorted(members, key=lambda r: (-r.info.get("gflops_fraction", 1.0), -r.info.get("budget", 1.0),
-                                             order.get(r.info.get("execution", r.impl), 3), r.impl)):
+                                             order.get(_kind(r), 5), r.impl)):
         fraction = float(r.info.get("gflops_fraction", 1.0))
         execution = r.info.get("execution")
-        label = r.impl if execution is None else f"madtp-{execution} @ {fraction:.1%} GFLOPs"
-        speedup = dense.median_s / r.median_s if dense else None
+        if _kind(r) == "control":
+            label = "madtp-control (applied, pruning off)"
+        elif _kind(r) == "decision":
+            label = "decision only (score_and_prune, one layer)"
+        else:
+            label = r.impl if execution is None else f"madtp-{execution} @ {fraction:.1%} GFLOPs"
+        speedup = dense.median_s / r.median_s if dense and _kind(r) != "decision" else None
         pair = padded.get((r.info.get("budget"), r.info.get("gflops_fraction"))) if execution == "ragged" else None
         out.append(ModelResult(r, label, fraction, r.info.get("budget"), r.info.get("keep_fraction"), speedup,
                                speedup * fraction if speedup is not None else None,
                                pair.median_s / r.median_s if pair else None))
     return out
+
+
+def _kind(r: Row) -> str:
+    """dense, control (applied, pruning off), decision (the pruning op alone), or the execution of a pruned row."""
+    return r.info.get("kind") or r.info.get("execution") or r.impl
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -157,10 +205,12 @@ def model_table(members: list[Row]) -> list[str]:
     out = ["| implementation | target GFLOPs | token-layers kept | median ms | min–max ms | speedup over dense | "
            "share of ideal speedup | ragged over padded |", "|---|---|---|---|---|---|---|---|"]
     for m in results:
-        out.append(f"| {m.label} | {_target(m)} | {_pct(m.keep)} | {_ms_model(m.row.median_s)} | "
-                   f"{_ms_model(m.row.min_s)}–{_ms_model(m.row.max_s)} | {_x(m.speedup)} | "
-                   f"{_pct(m.ideal_share, 0) if m.row.impl != 'dense' else '-'} | {_x(m.ragged_over_padded)} |")
+        pruned = _kind(m.row) not in ("dense", "control", "decision")
+        out.append(f"| {m.label} | {_target(m)} | {_pct(m.keep) if _kind(m.row) != 'decision' else '-'} | "
+                   f"{_ms_model(m.row.median_s)} | {_ms_model(m.row.min_s)}–{_ms_model(m.row.max_s)} | "
+                   f"{_x(m.speedup)} | {_pct(m.ideal_share, 0) if pruned else '-'} | {_x(m.ragged_over_padded)} |")
     out.append("")
+    out += _overhead_notes(members)
     if rounds:
         out.append(f"Median of {'/'.join(map(str, rounds))} rounds per row.")
     # Two targets that ended at the same temperature are one configuration timed twice: say so, since the
@@ -179,6 +229,109 @@ def model_table(members: list[Row]) -> list[str]:
                        f"GFLOPs (same temperature), so their rows are one configuration timed twice ({times} ms): "
                        "the difference is run-to-run variation.")
     return out + [""]
+
+
+def _overhead_notes(members: list[Row]) -> list[str]:
+    """What the control and decision-only rows say, relative to dense, in words."""
+    dense = next((r for r in members if _kind(r) == "dense"), None)
+    out = []
+    control = next((r for r in members if _kind(r) == "control"), None)
+    if dense and control:
+        out.append(f"Control (MADTP applied, temperature None, ragged): {_ms_model(control.median_s)} ms, "
+                   f"{control.median_s / dense.median_s - 1:+.1%} over dense: what the executor costs when nothing "
+                   "is pruned.")
+    decision = next((r for r in members if _kind(r) == "decision"), None)
+    if decision:
+        i = decision.info
+        layers = i.get("pruning_layers")
+        shapes = ", ".join(f"{k.replace('_', ' ')} {i[k]}" for k in ("batch", "tokens", "width", "heads") if k in i)
+        line = f"Decision only: score_and_prune alone at the first pruning layer's shapes ({shapes}): " \
+               f"{_ms(decision.median_s)} ms"
+        if dense and layers:
+            line += (f"; x {layers} pruning layers (an upper estimate: later layers decide on fewer rows) = "
+                     f"{layers * decision.median_s / dense.median_s:.1%} of the dense forward")
+        out.append(line + ".")
+    return out + ([""] if out else [])
+
+
+# ------------------------------------------------------------------------------- ragged gain vs length spread
+
+@dataclass(frozen=True)
+class SpreadResult:
+    spread: str
+    cv: float                    # realised, over the batch
+    cv_target: float
+    lengths: str
+    padded_s: float
+    ragged_s: float
+    gain: float                  # padded time / ragged time (medians)
+    paired_gain: float | None    # the same over interleaved rounds
+    ideal: float                 # padded FLOPs / ragged FLOPs: the gain if time followed FLOPs
+
+
+def spread_results(members: list[Row]) -> list[SpreadResult]:
+    by_spread: dict[str, dict[str, Row]] = defaultdict(dict)
+    for r in members:
+        by_spread[r.info.get("spread", "?")][r.info.get("execution", r.impl)] = r
+    out = []
+    for spread, pair in by_spread.items():
+        if "ragged" not in pair or "padded" not in pair:
+            continue
+        ragged, padded = pair["ragged"], pair["padded"]
+        out.append(SpreadResult(spread, float(ragged.info.get("cv", 0.0)), float(ragged.info.get("cv_target", 0.0)),
+                                f"{ragged.info.get('min_len', '?')}–{ragged.info.get('max_len', '?')}",
+                                padded.median_s, ragged.median_s, padded.median_s / ragged.median_s,
+                                ragged.info.get("paired_gain"), padded.flops / ragged.flops if ragged.flops else 1.0))
+    return sorted(out, key=lambda s: (s.cv, s.spread))
+
+
+def spread_table(members: list[Row]) -> list[str]:
+    results = spread_results(members)
+    out = ["| spread | target CV | realised CV | lengths | padded ms | ragged ms | ragged over padded | paired | "
+           "FLOPs ratio (ideal) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        name = "trained model" if r.spread == "trained" else r.spread
+        out.append(f"| {name} | {r.cv_target:.3f} | {r.cv:.3f} | {r.lengths} | {_ms_model(r.padded_s)} | "
+                   f"{_ms_model(r.ragged_s)} | {_x(r.gain)} | {_x(r.paired_gain)} | {_x(r.ideal)} |")
+    out.append("")
+    trained = next((m for m in members if "trained_cv" in m.info), None)
+    if trained is not None:
+        i = trained.info
+        out.append("Trained model: the shipped shapes CLIP (python/madtp/assets/shapes_clip) on "
+                   f"{i.get('trained_scenes')} "
+                   f"held-out scenes at temperature {i.get('trained_temperature', float('nan')):.3g} "
+                   f"({i.get('trained_gflops_fraction', float('nan')):.1%} GFLOPs): keep-count CV per pruning layer "
+                   f"{', '.join(f'{c:.3f}' for c in i.get('trained_layer_cvs', []))}, mean "
+                   f"{i['trained_cv']:.3f}.")
+        out.append("")
+    return out
+
+
+def plot_spread(group: str, members: list[Row], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = spread_results(members)
+    drawn = [r for r in results if r.spread != "trained"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([r.cv for r in drawn], [r.gain for r in drawn], "o-", label="ragged over padded (medians)")
+    if any(r.paired_gain for r in drawn):
+        ax.plot([r.cv for r in drawn if r.paired_gain], [r.paired_gain for r in drawn if r.paired_gain], "s--",
+                label="ragged over padded (paired rounds)")
+    ax.plot([r.cv for r in drawn], [r.ideal for r in drawn], "k:", lw=1, label="FLOPs ratio (ideal)")
+    for r in results:
+        if r.spread == "trained":
+            ax.plot([r.cv], [r.gain], "*", ms=12, color="C3", label=f"trained model's spread (CV {r.cv:.2f})")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("coefficient of variation of the lengths in a batch (realised)")
+    ax.set_ylabel("padded time / ragged time (same run)")
+    ax.set_title(group, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------- plots
@@ -201,7 +354,7 @@ def plot_group(group: str, members: list[Row], key: str, path: str) -> None:
     base = next(r for r in members if r.impl in BASELINES)
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in members:
-        if r is base or key not in r.info:
+        if r is base or key not in r.info or _kind(r) in ("control", "decision"):
             continue
         name = r.info.get("execution") or r.impl
         series[name].append((float(r.info[key]), base.median_s / r.median_s))
@@ -235,6 +388,12 @@ def write_plots(groups: dict[str, list[Row]], plots_dir: str) -> dict[str, str]:
     """Plot every group that has the data for it; returns group -> PNG path."""
     written = {}
     for group, members in sorted(groups.items()):
+        if group.startswith(SPREAD_PREFIX):
+            if spread_results(members):
+                os.makedirs(plots_dir, exist_ok=True)
+                written[group] = os.path.join(plots_dir, slug(group) + ".png")
+                plot_spread(group, members, written[group])
+            continue
         key = plottable(members)
         if key:
             os.makedirs(plots_dir, exist_ok=True)
@@ -283,12 +442,35 @@ def provenance(meta: dict, rows: list[Row], bench_command: str | None, report_co
         out.append(f"- Run: {stamp}, commit {str(commit.get('id', '?'))[:10]}{dirty}")
     out.append("- Timing: median of the pytest-benchmark rounds; every speedup is over a baseline timed in the "
                "same run.")
+    dtypes = defaultdict(set)
+    for r in rows:
+        dtypes[r.device].add(r.dtype)
+    out.append("- Dtypes: " + "; ".join(f"{d}: {', '.join(sorted(ts))}" for d, ts in sorted(dtypes.items())))
     if any(d == "cpu" for d in devices):
-        out.append("- Sizes: the CPU run is scaled down (benchmarks/conftest.py) so the suite fits in minutes on "
-                   "2 cores: op-level batch 8 instead of 64 (`MADTP_BENCH_BATCH` overrides), model batches and "
-                   "layer counts as named in each model group (ViT-L/14-336: 6 of its 24 layers); token counts, "
-                   "widths and heads are the real models'. CPU runs are fp32, GPU runs fp16.")
+        out.append("- The CPU run is scaled down from the GPU sizes (benchmarks/conftest.py; `MADTP_BENCH_BATCH` "
+                   "overrides the op-level batch): the sizes below are the ones this run used, as its JSON records "
+                   "them; the model groups' names say which layers of a tower ran.")
+    out.append("- Sizes per group (from the JSON's extra_info):")
+    out += [f"  - {group}: {text}" for group, text in group_sizes(rows)]
     return out + [""]
+
+
+def group_sizes(rows: list[Row]) -> list[tuple[str, str]]:
+    """(group, "batch 32, heads 12, ...") for every group: each size key's values over the group's rows, as
+    recorded; "not recorded" where a group records none."""
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        groups[r.group].append(r)
+    out = []
+    for group, members in sorted(groups.items()):
+        parts = []
+        for key in SIZE_KEYS:
+            values = sorted({str(r.info[key]) for r in members if r.info.get(key) is not None},
+                            key=lambda v: (len(v), v))
+            if values:
+                parts.append(f"{key.replace('_', ' ')} {'/'.join(values)}")
+        out.append((group, ", ".join(parts) if parts else "sizes not recorded"))
+    return out
 
 
 def _gpu(g) -> str:
@@ -306,7 +488,8 @@ def render(machine: dict, rows: list[Row], *, meta: dict | None = None, plots: d
     for r in rows:
         groups[r.group].append(r)
     models = {g: m for g, m in groups.items() if g.startswith(MODEL_PREFIX)}
-    ops = {g: m for g, m in groups.items() if g not in models}
+    spreads = {g: m for g, m in groups.items() if g.startswith(SPREAD_PREFIX)}
+    ops = {g: m for g, m in groups.items() if g not in models and g not in spreads}
     devices = sorted({r.device for r in rows})
     cpu = machine.get("cpu", {}).get("brand_raw", "unknown CPU")
     out = ["# Benchmarks", "",
@@ -333,17 +516,32 @@ def render(machine: dict, rows: list[Row], *, meta: dict | None = None, plots: d
         for group, members in sorted(models.items()):
             out += [f"### {group}", ""] + model_table(members)
             figure(group)
-    out += ["## Measured: ops", ""] if models and ops else []
+    if spreads:
+        out += ["## Measured: ragged over padded against the spread of lengths", "",
+                "One layer stack at ViT-B/16 widths run packed (madtp_kernels.varlen_attention, Linear layers on the "
+                "packed rows) and padded (every sample padded to the batch's longest, SDPA with a key mask) on "
+                "lengths drawn at one mean and a given coefficient of variation (std / mean over the batch); the "
+                "last point is the spread the shipped trained model's keep counts have on held-out scenes. Ragged "
+                "over padded: padded time ÷ ragged time; paired: the same over rounds that alternate the two; "
+                "FLOPs ratio: padded FLOPs ÷ ragged FLOPs, the gain if time followed FLOPs.", ""]
+        for group, members in sorted(spreads.items()):
+            out += [f"### {group}", ""] + spread_table(members)
+            figure(group)
+    out += ["## Measured: ops", ""] if (models or spreads) and ops else []
     for group, members in sorted(ops.items()):
-        base = next((r for r in members if r.impl in BASELINES), None)
-        out += [f"### {group}", "", "| implementation | device | median ms | speedup | GB/s | GFLOP/s |",
-                "|---|---|---|---|---|---|"]
+        paired = any("paired_speedup" in r.info for r in members)
+        out += [f"### {group}", "", "| implementation | device | median ms | speedup | GB/s | GFLOP/s | over |"
+                + (" paired speedup |" if paired else ""), "|---|---|---|---|---|---|---|" + ("---|" if paired else "")]
         for r in members:
+            base = baseline_for(r, members)
             speedup = f"{base.median_s / r.median_s:.2f}x" if base else "-"
             gflops = f"{r.flops / r.median_s / 1e9:.1f}" if r.flops else "-"
+            over = "-" if base is None else ("(baseline)" if base is r else base.impl)
             out.append(f"| {r.impl} | {r.device} | {_ms(r.median_s)} | {speedup} | "
-                       f"{r.bytes / r.median_s / 1e9:.2f} | {gflops} |")
+                       f"{r.bytes / r.median_s / 1e9:.2f} | {gflops} | {over} |"
+                       + (f" {_x(r.info.get('paired_speedup'))} |" if paired else ""))
         out.append("")
+        out += _apart_notes(members)
         figure(group)
     if ops and not any(g in plots for g in ops):
         out += ["No op-level group records a keep ratio that varies within it, so the op tables have no plots.",
@@ -351,31 +549,52 @@ def render(machine: dict, rows: list[Row], *, meta: dict | None = None, plots: d
 
     if launches:
         out += launch_section(launches)
-    out += ["## Predicted H100 time (lower bound, not measured)", "",
-            "Computed from the bytes and FLOPs recorded for the sizes of the measured run, not timed: the best "
-            "any implementation could do there on an H100, not what ours does. The rates are those of fp16/bf16 "
-            "tensor cores; the run dtype is listed because a CPU run is fp32 (its bytes are twice a GPU run's, "
-            "which uses fp16).", ""]
-    if models:
-        out += ["### Models: FLOPs / 800 TFLOP/s", "",
-                "| group | implementation | run dtype | GFLOP | predicted ms |", "|---|---|---|---|---|"]
+    kinds = sorted({r.prediction_kind for r in rows})
+    out += [f"## Predicted H100 time ({' / '.join(kinds)}, not measured)", "",
+            f"Ceilings: {H100_SOURCE}. Computed from the bytes and FLOPs each row records for the sizes of the "
+            "measured run (what the op or model must move and do), not timed: max(bytes / "
+            f"{H100_BYTES_PER_S / 1e12:.2f} TB/s, FLOPs / {H100_DENSE_FLOPS / 1e12:.0f} TFLOP/s; 2:4 sparse GEMMs "
+            f"at {H100_SPARSE_FLOPS / 1e12:.0f} TFLOP/s). Peaks over required work: a lower bound on what any "
+            "implementation could take there on an H100, not what ours takes. The rates are those of fp16/bf16 "
+            "tensor cores, above every fp32 rate, so a row stays a lower bound in the run dtype, which is listed: "
+            "a CPU run is fp32, its bytes twice an fp16 run's.", ""]
+    if models or spreads:
+        out += ["### Models and layer stacks", "",
+                "| group | implementation | run dtype | MB moved | GFLOP | predicted ms | bound | kind |",
+                "|---|---|---|---|---|---|---|---|"]
         for group, members in sorted(models.items()):
             for m in model_results(members):
-                out.append(f"| {group} | {m.label} | {m.row.dtype} | {m.row.flops / 1e9:.1f} | "
-                           f"{m.row.predicted_h100_s * 1e3:.3f} |")
+                out.append(f"| {group} | {m.label} | {m.row.dtype} | {m.row.bytes / 1e6:.1f} | "
+                           f"{m.row.flops / 1e9:.1f} | {m.row.predicted_h100_s * 1e3:.3f} | {m.row.bound} | "
+                           f"{m.row.prediction_kind} |")
+        for group, members in sorted(spreads.items()):
+            for r in sorted(members, key=lambda r: (r.info.get("cv", 0), r.impl)):
+                out.append(f"| {group} | {r.impl} @ {r.info.get('spread', '?')} | {r.dtype} | {r.bytes / 1e6:.1f} | "
+                           f"{r.flops / 1e9:.1f} | {r.predicted_h100_s * 1e3:.3f} | {r.bound} | "
+                           f"{r.prediction_kind} |")
         out.append("")
     if ops:
-        out += [f"### Ops: max(bytes / {H100_BYTES_PER_S / 1e12:.1f} TB/s, FLOPs / "
-                f"{H100_DENSE_FLOPS / 1e12:.0f} TFLOP/s; 2:4 sparse GEMMs at up to 2x)", "",
-                "| group | implementation | run dtype | MB moved | GFLOP | predicted µs | bound |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["### Ops", "",
+                "| group | implementation | run dtype | MB moved | GFLOP | predicted µs | bound | kind |",
+                "|---|---|---|---|---|---|---|---|"]
         for group, members in sorted(ops.items()):
             for r in members:
-                bound = "memory" if r.bytes / H100_BYTES_PER_S >= r.predicted_h100_s else "compute"
                 out.append(f"| {group} | {r.impl} | {r.dtype} | {r.bytes / 1e6:.1f} | {r.flops / 1e9:.2f} | "
-                           f"{r.predicted_h100_s * 1e6:.1f} | {bound} |")
+                           f"{r.predicted_h100_s * 1e6:.1f} | {r.bound} | {r.prediction_kind} |")
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _apart_notes(members: list[Row]) -> list[str]:
+    """Costs a row paid outside its timed region (a compile, a block mask), stated beside its table."""
+    out = []
+    for r in members:
+        parts = [f"{what} {r.info[key]:.2f} s" for key, what in (("compile_s", "compile and first call"),
+                                                                 ("block_mask_s", "block mask"))
+                 if isinstance(r.info.get(key), (int, float))]
+        if parts:
+            out.append(f"{r.impl}: {' and '.join(parts)}, paid once per shape outside the timed region.")
+    return out + ([""] if out else [])
 
 
 def launch_section(records: list[dict]) -> list[str]:
@@ -388,8 +607,9 @@ def launch_section(records: list[dict]) -> list[str]:
            "(`nonzero`). Per layer: (this row - dense) / pruning layers (every layer prunes). Random weights; the "
            "Triton configs are cut down (the interpreter is slow): per-layer counts do not depend on batch or image "
            "size, except the torch backend's attention, which loops over the batch's sequences.", "",
-           "Predicted GPU ms (a prediction, not a measurement; no GPU has run this): FLOPs / 989 TFLOP/s (H100 SXM "
-           "dense fp16) + launches x 5 us + syncs x 15 us.", "",
+           "Predicted GPU ms (an estimate, not a lower bound and not a measurement; no GPU has run this): FLOPs / "
+           f"{H100_DENSE_FLOPS / 1e12:.0f} TFLOP/s (H100 SXM dense fp16, datasheet) + launches x 5 us + syncs x 15 us "
+           "(typical costs, not floors).", "",
            "| model | backend | batch | layers | execution | launches | syncs | per layer: +launches | +syncs "
            "| GFLOPs | predicted GPU ms |", "|" + "---|" * 11]
     dense = {}
