@@ -7,6 +7,7 @@ import pytest
 import torch
 from madtp.compress import TemperatureController, make_teacher, split_budget
 from madtp.compress.pipeline import count_gflops, sensitivity
+from madtp.data import tokenizer as tok
 from madtp.tasks import BlipRetrieval, ClipRetrieval, ImageTextMatching, auxiliary_pass, in_auxiliary_pass
 from test_tasks import blip_model, clip_model, matching_batch, retrieval_batch
 from transformers import BlipForImageTextRetrieval
@@ -64,6 +65,26 @@ def test_cost_inputs_are_the_inference_passes():
     pairs = matching_batch()
     (itm,) = ImageTextMatching().cost_inputs(pairs)
     assert itm["use_itm_head"] is True and itm["input_ids"] is pairs["input_ids"]
+
+
+def test_blip_itm_split_into_true_and_false_pairs_equals_one_call_and_takes_a_single_pair():
+    model = madtp.apply(blip_model(BlipForImageTextRetrieval).eval(), madtp.MADTPConfig(num_alignment_tokens=4,
+                                                                                        temperature=1.0))
+    task, batch = BlipRetrieval(), retrieval_batch(n=4, k=1)
+    with torch.no_grad():
+        out, _ = task.forward(model, batch)
+        pix, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+        neg_ids, neg_mask = batch["negatives_input_ids"][:, 0], batch["negatives_attention_mask"][:, 0]
+        length = max(ids.shape[1], neg_ids.shape[1])
+        pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1]))  # noqa: E731 (pad id 0, mask 0)
+        assert tok.PAD_ID == 0
+        # the true pairs and the provided false texts (first) in one call, as the task ran them before the split
+        one = model(input_ids=torch.cat([pad(ids), pad(neg_ids)]), attention_mask=torch.cat([pad(mask), pad(neg_mask)]),
+                    pixel_values=torch.cat([pix, pix]), use_itm_head=True).itm_score
+    torch.testing.assert_close(out.extras["itm_logits"][:8], one, atol=1e-5, rtol=1e-5)
+    single = retrieval_batch(n=1)
+    logs = task.loss(model, single)
+    assert torch.isfinite(logs["loss"]) and task.forward(model, single)[0].extras["itm_labels"].tolist() == [1]
 
 
 def test_auxiliary_pass_nests_and_is_per_model():

@@ -459,9 +459,11 @@ class BlipRetrieval:
         # The true pairs apart from the negatives: the first is the inference ITM pass (cost_inputs), the second
         # only training runs. Pruning decides per sample, so the split changes no sample's result.
         itm_true = model(**self.cost_inputs(batch)[1]).itm_score
-        with auxiliary_pass(model):
-            itm_false = model(input_ids=neg_ids, attention_mask=neg_mask, pixel_values=neg_pix,
-                              use_itm_head=True).itm_score
+        itm_false = itm_true[:0]   # a batch of one image and text has no false pair
+        if n_neg:
+            with auxiliary_pass(model):
+                itm_false = model(input_ids=neg_ids, attention_mask=neg_mask, pixel_values=neg_pix,
+                                  use_itm_head=True).itm_score
         _restore(model, saved)
         itm_score = torch.cat([itm_true, itm_false])
         labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(n_neg, dtype=torch.long)]).to(sims.device)
