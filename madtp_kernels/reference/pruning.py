@@ -11,8 +11,11 @@ Maxima and minima propagate NaN (torch.amax / amin); a term is 0 where its span 
 and only there, so a NaN or infinite term of one candidate reaches every candidate's TIS through the min-max
 normalisation; a softmax whose logits are all -inf (a sample without candidates, or an alignment token scoring
 -inf on every candidate) has zero weights, and otherwise a NaN or +inf logit makes theta NaN. TIS > NaN is
-false: a NaN theta drops every candidate, and their NaN weights make the merged row NaN. The first row's
-attention output is read (head weights), no other's; rows that are not candidates (first, protected, padding)
+false: a NaN theta drops every candidate (but a lone one with merge: the no-saving rule), and their NaN weights
+make the merged row NaN. The first row's
+attention output is read (head weights), no other's (importance="official": each candidate's own, and a
+non-finite received or alignment term reaches every candidate through its sum over the candidates, as through
+the min-max span); rows that are not candidates (first, protected, padding)
 never reach the importance or theta, and a kept row's values never reach the merged row (selected away, not
 multiplied by a zero weight).
 """

@@ -263,3 +263,36 @@ def test_unknown_importance_is_refused(importance):
     x, cu, s, attn_out, align, _ = make([3, 4])
     with pytest.raises(ValueError, match=r"importance: expected one of \('minmax', 'official'\)"):
         pruning.score_and_prune(x, cu, s, attn_out, align, temperature=0.5, importance=importance)
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
+@pytest.mark.parametrize("where", ["headmax-candidate", "attn_out-candidate", "headmax-first", "attn_out-first",
+                                   "headmax-protected", "attn_out-protected"])
+def test_official_non_finite(backend, device, where):
+    # The README's rule, for the official terms: a NaN in a candidate's headmax reaches every candidate through
+    # the sum (all TIS NaN, theta NaN, every candidate dropped); one in a candidate's own head outputs makes its
+    # TIS NaN, hence theta NaN. Rows that are not candidates are never read: a NaN there changes nothing.
+    lengths = [9, 12]
+    inputs = make(lengths, seed=21, sign=1, protect=0.0)
+    protected = torch.zeros(sum(lengths), dtype=torch.bool)
+    protected[4] = True
+    inputs = (*inputs[:5], protected)
+    clean = run(backend, device, inputs, 0.5, True, "official")
+    tensor, kind = where.split("-")
+    row = {"candidate": 2, "first": 0, "protected": 4}[kind]
+    x, cu, stats, attn_out, align, _ = inputs
+    stats = AttentionStats(stats.received, stats.cls, stats.headmax.clone())
+    attn_out = attn_out.clone()
+    if tensor == "headmax":
+        stats.headmax[row] = float("nan")
+    else:
+        attn_out[row, 1, 3] = float("nan")
+    got = run(backend, device, (x, cu, stats, attn_out, align, protected), 0.5, True, "official")
+    assert torch.equal(got.importance[9:], clean.importance[9:]) and bool(got.threshold[1] == clean.threshold[1])
+    if kind != "candidate":
+        assert torch.equal(got.importance, clean.importance) and torch.equal(got.kept_index, clean.kept_index)
+        return
+    cand = [i for i in range(1, 9) if i != 4]
+    nan_rows = cand if tensor == "headmax" else [row]
+    assert got.importance[nan_rows].isnan().all() and bool(got.threshold[0].isnan())
+    assert got.layout.lengths()[0] == 3 and got.kept_index[:3].tolist() == [0, 4, -1]   # first, protected, merged
