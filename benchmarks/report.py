@@ -323,6 +323,8 @@ def plot_spread(group: str, members: list[Row], path: str) -> None:
     for r in results:
         if r.spread == "trained":
             ax.plot([r.cv], [r.gain], "*", ms=12, color="C3", label=f"trained model's spread (CV {r.cv:.2f})")
+            if r.paired_gain:
+                ax.plot([r.cv], [r.paired_gain], "*", ms=12, color="C3", mfc="none")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_xlabel("coefficient of variation of the lengths in a batch (realised)")
     ax.set_ylabel("padded time / ragged time (same run)")
@@ -593,7 +595,8 @@ def _apart_notes(members: list[Row]) -> list[str]:
                                                                  ("block_mask_s", "block mask"))
                  if isinstance(r.info.get(key), (int, float))]
         if parts:
-            out.append(f"{r.impl}: {' and '.join(parts)}, paid once per shape outside the timed region.")
+            out.append(f"{r.impl}: {' and '.join(parts)}, paid once per shape outside the timed region (a warm "
+                       "inductor cache from an earlier run shortens the compile).")
     return out + ([""] if out else [])
 
 
