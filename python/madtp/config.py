@@ -11,9 +11,14 @@ from dataclasses import dataclass
 # "ragged": our per-sample decisions on packed tokens end to end; "padded": the same decisions, each layer padded to
 # the batch's longest sample (same outputs, the published code's compute); "published": the published code's batch
 # policy: every sample keeps the batch's largest keep count of its top-TIS candidates, padded execution.
+# The token importance formula (madtp_kernels.score_and_prune): "minmax", each term min-max normalised per sample
+# and the CLS term weighted by the CLS row's head norms; "official", the formula of the published MADTP code
+# (received summed over queries of the max over heads and alignment sum-normalised, CLS weighted by each token's
+# own head norms). README "Fidelity" says which keeps accuracy better.
+IMPORTANCES = ("minmax", "official")
 EXECUTIONS = ("ragged", "padded", "published")
 
-__all__ = ["MADTPConfig", "EXECUTIONS", "check_temperature"]
+__all__ = ["MADTPConfig", "EXECUTIONS", "IMPORTANCES", "check_temperature"]
 
 
 def check_temperature(name: str, value) -> float | None:
@@ -42,6 +47,7 @@ class MADTPConfig:
     merge_pruned: bool = True
     execution: str = "ragged"          # one of EXECUTIONS (see there): "ragged", "padded" or "published"
     prune_layers: tuple[int, ...] | None = None   # encoder layers (0-based) that prune; None: every layer
+    importance: str = "minmax"         # one of IMPORTANCES (see there)
 
     def __post_init__(self):
         n = self.num_alignment_tokens
@@ -57,6 +63,11 @@ class MADTPConfig:
                             f"{self.execution!r}")
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution: expected one of {EXECUTIONS}, got {self.execution!r}")
+        if not isinstance(self.importance, str):
+            raise TypeError(f"importance: expected one of {IMPORTANCES}, got {type(self.importance).__name__} "
+                            f"{self.importance!r}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance: expected one of {IMPORTANCES}, got {self.importance!r}")
         if self.prune_layers is not None:
             layers = self.prune_layers
             if not isinstance(layers, (tuple, list, range)):

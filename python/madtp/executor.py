@@ -54,6 +54,7 @@ class BranchPlan:
     layer_names: list[str]
     causal: bool = False
     training: bool = True        # record the pooled alignment features and the per-layer summaries
+    importance: str = "minmax"   # the token importance formula (MADTPConfig.importance)
 
 
 @dataclass
@@ -76,6 +77,11 @@ class _Context:
     @property
     def wants_stats(self) -> bool:
         return self._prunes()
+
+    @property
+    def wants_headmax(self) -> bool:
+        """The official importance's received term (AttentionStats.headmax) is needed in this layer."""
+        return self.plan.importance == "official" and self._prunes()
 
     def _align_and_prune(self, rows: Tensor, attn_out: Tensor | None, stats: AttentionStats | None):
         """Alignment scores where something uses them (a pruning layer; every layer while training), the
@@ -102,7 +108,8 @@ class _Context:
         """The pruning policy, here our per-sample decisions. -> (rows, layout) after the layer; None: the layer
         leaves the rows as they are."""
         plan = self.plan
-        return pruning.prune_step(rows, layout, stats, attn_out, scores, plan.temperature, plan.merge)
+        return pruning.prune_step(rows, layout, stats, attn_out, scores, plan.temperature, plan.merge,
+                                  plan.importance)
 
 
 class RaggedContext(_Context):
@@ -118,7 +125,7 @@ class RaggedContext(_Context):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool = False):
         """q, k, v [T, H, D] -> (out [T, H, D], stats or None)."""
         res = varlen_attention(q, k, v, self.layout.ragged, scale=scale, causal=causal,
-                               return_stats=self.wants_stats)
+                               return_stats=self.wants_stats, headmax_stats=self.wants_headmax)
         return res if self.wants_stats else (res, None)
 
     def prune(self, x: Tensor, attn_out: Tensor, stats: AttentionStats | None) -> Tensor:
@@ -162,7 +169,10 @@ class PaddedContext(_Context):
         probs = probs.detach().float() * valid[:, None, :, None]          # padding queries give nothing
         received = probs.sum(dim=2).transpose(1, 2)                       # [B, L(k), H]
         cls = probs[:, :, 0, :].transpose(1, 2)                           # [B, L(k), H]
-        stats = AttentionStats(pack(received, valid)[0], pack(cls, valid)[0])
+        headmax = None
+        if self.wants_headmax:   # sum over queries but each sample's first of the max over heads
+            headmax = pack(probs[:, :, 1:, :].amax(dim=1).sum(dim=1), valid)[0]
+        stats = AttentionStats(pack(received, valid)[0], pack(cls, valid)[0], headmax)
         return out.transpose(1, 2), stats
 
     def rows(self, x: Tensor) -> Tensor:
@@ -183,7 +193,8 @@ class PublishedContext(PaddedContext):
 
     def _step(self, rows: Tensor, layout: Layout, stats: AttentionStats, attn_out: Tensor, scores: Tensor):
         plan = self.plan   # None where the official skip rule leaves the layer as it is
-        return pruning.published_step(rows, layout, stats, attn_out, scores, plan.temperature, plan.merge)
+        return pruning.published_step(rows, layout, stats, attn_out, scores, plan.temperature, plan.merge,
+                                      plan.importance)
 
 
 def run_layers(layers, layer_fn, x: Tensor, valid: Tensor, protected: Tensor | None, plan: BranchPlan,

@@ -281,7 +281,8 @@ def _run(state: MADTPState, tower: Tower, hidden: Tensor) -> Tensor:
                                              if state.config.prune_layers is not None else None),
                                merge=state.config.merge_pruned and spec.merge, alignment=state.alignment,
                                layer_names=tower.layer_names, causal=spec.causal,
-                               training=calls.recording or torch.is_grad_enabled())
+                               training=calls.recording or torch.is_grad_enabled(),
+                               importance=state.config.importance)
     valid = inputs.valid.to(hidden.device).bool() if inputs.valid is not None else None
     rows, layout, record = executor.run_layers(tower.layers, spec.layer_fn, hidden, valid, inputs.protected, plan,
                                                state.execution, memory)

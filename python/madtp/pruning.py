@@ -68,16 +68,16 @@ class Layout:
 
 
 def _score(x: Tensor, layout: Layout, stats: AttentionStats, attn_out: Tensor, align_scores: Tensor,
-           temperature: float, merge: bool) -> ScoredTokens:
+           temperature: float, merge: bool, importance: str) -> ScoredTokens:
     # The one call of the decision op: both policies score tokens with the same formula.
     return score_and_prune(x, layout.ragged, stats, attn_out, align_scores, temperature=temperature,
-                           protected=layout.protected, merge=merge)
+                           protected=layout.protected, merge=merge, importance=importance)
 
 
 def prune_step(x: Tensor, layout: Layout, stats: AttentionStats, attn_out: Tensor, align_scores: Tensor,
-               temperature: float, merge: bool) -> tuple[Tensor, Layout]:
+               temperature: float, merge: bool, importance: str = "minmax") -> tuple[Tensor, Layout]:
     """Drop each sample's candidate rows whose importance does not exceed its threshold; merge them into one."""
-    out = _score(x, layout, stats, attn_out, align_scores, temperature, merge)
+    out = _score(x, layout, stats, attn_out, align_scores, temperature, merge, importance)
     return out.x, Layout(out.layout, out.protected, layout.input_positions, [*layout.steps, out.kept_index])
 
 
@@ -87,7 +87,7 @@ PUBLISHED_MERGE_EPS = 1e-8
 
 
 def published_step(x: Tensor, layout: Layout, stats: AttentionStats, attn_out: Tensor, align_scores: Tensor,
-                   temperature: float, merge: bool) -> tuple[Tensor, Layout] | None:
+                   temperature: float, merge: bool, importance: str = "minmax") -> tuple[Tensor, Layout] | None:
     """The published code's batch policy (double125/MADTP models/vit.py Block.Reduce_token, med.py for text) on
     the TIS and thresholds of our decision op: k = the largest count, over the batch, of candidates with
     TIS > theta; every sample keeps its min(k, candidates) highest-TIS candidates (ties: the earlier row) besides
@@ -96,7 +96,7 @@ def published_step(x: Tensor, layout: Layout, stats: AttentionStats, attn_out: T
     skip rule, reduce_num <= 1, read per sample for ragged text). A sample that would drop exactly one token
     keeps it: its merged row would cost the row it saves. One host read besides the op's: the skip flag and the
     new offsets together. The merged row's weights carry no gradient (the op's importance is detached)."""
-    scored = _score(x, layout, stats, attn_out, align_scores, temperature, False)
+    scored = _score(x, layout, stats, attn_out, align_scores, temperature, False, importance)
     ragged = layout.ragged
     batch, rows, device = ragged.batch, ragged.rows, x.device
     cand = layout.candidates()

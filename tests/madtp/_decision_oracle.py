@@ -132,9 +132,10 @@ def decide_batch(x, lengths, received, cls, attn_out, align, protected, temperat
     return out
 
 
-def clip_attention(layer, rows, lengths, causal: bool):
+def clip_attention(layer, rows, lengths, causal: bool, with_headmax: bool = False):
     """A Hugging Face CLIPEncoderLayer's attention half in float64 on packed rows [T, C] (samples of `lengths`):
-    -> (x after the attention residual [T, C], received [T, H], cls [T, H], per-head output [T, H, D])."""
+    -> (x after the attention residual [T, C], received [T, H], cls [T, H], per-head output [T, H, D]) and, with
+    with_headmax, headmax [T]: the official received term, sum over queries 1: of the max over heads."""
     attn = layer.self_attn
     ln = layer.layer_norm1
     x = d(rows)
@@ -142,7 +143,7 @@ def clip_attention(layer, rows, lengths, causal: bool):
     heads, dim = attn.num_heads, attn.head_dim
     q, k, v = (F.linear(h, d(p.weight), d(p.bias)).view(-1, heads, dim) for p in (attn.q_proj, attn.k_proj,
                                                                                    attn.v_proj))
-    outs, recs, clss, start = [], [], [], 0
+    outs, recs, clss, maxes, start = [], [], [], [], 0
     for n in lengths:
         s = slice(start, start + n)
         logits = torch.einsum("ihd,jhd->hij", q[s], k[s]) * attn.scale
@@ -152,10 +153,12 @@ def clip_attention(layer, rows, lengths, causal: bool):
         outs.append(torch.einsum("hij,jhd->ihd", p, v[s]))
         recs.append(p.sum(1).t())
         clss.append(p[:, 0, :].t() if n else p.new_zeros(0, heads))
+        maxes.append(p[:, 1:, :].amax(0).sum(0) if n else p.new_zeros(0))
         start += n
     o = torch.cat(outs)
     mid = x + F.linear(o.reshape(-1, heads * dim), d(attn.out_proj.weight), d(attn.out_proj.bias))
-    return mid, torch.cat(recs), torch.cat(clss), o
+    out = (mid, torch.cat(recs), torch.cat(clss), o)
+    return (*out, torch.cat(maxes)) if with_headmax else out
 
 
 def alignment_scores(alignment, rows, branch: str):

@@ -30,6 +30,8 @@ BAD = [
     (dict(num_alignment_tokens=True), TypeError, "num_alignment_tokens"),
     (dict(execution="dense"), ValueError, "execution: expected one of"),
     (dict(execution=1), TypeError, "execution"),
+    (dict(importance="mean"), ValueError, "importance: expected one of"),
+    (dict(importance=None), TypeError, "importance: .*got NoneType"),
 ]
 
 

@@ -81,15 +81,16 @@ def test_score_and_prune_matches_the_oracle(backend, seed, merge, importance):
 
 # ------------------------------------------------------------------ an applied CLIP, layer by layer
 
-def _match(rows_model, sample_args, start_model, count, mid, temperature, merge):
+def _match(rows_model, sample_args, start_model, count, mid, temperature, merge, **formula):
     """The oracle's decision for one sample that the model's `count` output rows (from start_model) match,
-    allowing a float32 decision to differ on tokens within AMBIGUOUS of theta. -> (decision, error or None)."""
-    base = oracle.decide(*sample_args, temperature, merge)
+    allowing a float32 decision to differ on tokens within AMBIGUOUS of theta. -> (decision, error or None).
+    formula: importance= and headmax= for oracle.decide."""
+    base = oracle.decide(*sample_args, temperature, merge, **formula)
     unsure = base.ambiguous(AMBIGUOUS)
     options = [frozenset()] + [frozenset([i]) for i in unsure] + ([frozenset(unsure)] if len(unsure) > 1 else [])
     errors = []
     for flip in options:
-        dec = base if not flip else oracle.decide(*sample_args, temperature, merge, flip=flip)
+        dec = base if not flip else oracle.decide(*sample_args, temperature, merge, flip=flip, **formula)
         n_out = len(dec.kept) + (dec.merged is not None)
         if n_out != count:
             errors.append(f"flip {sorted(flip)}: oracle keeps {n_out} rows, the model {count}")
@@ -102,7 +103,8 @@ def _match(rows_model, sample_args, start_model, count, mid, temperature, merge)
     return base, "; ".join(errors)
 
 
-def _check_tower(model, seen, tower, lengths, protected, causal, branch, temperature, merge):
+def _check_tower(model, seen, tower, lengths, protected, causal, branch, temperature, merge,
+                 importance="minmax"):
     report = madtp.pruning_report(model)
     alignment = model.madtp.alignment
     layers = getattr(model, tower).encoder.layers
@@ -110,7 +112,7 @@ def _check_tower(model, seen, tower, lengths, protected, causal, branch, tempera
     for i, layer in enumerate(layers):
         name = f"{tower}.encoder.layers.{i}"
         x_in = oracle.packed(seen[(tower, i, "layer_norm1")], lengths)
-        mid, received, cls, o = oracle.clip_attention(layer, x_in, lengths, causal)
+        mid, received, cls, o, headmax = oracle.clip_attention(layer, x_in, lengths, causal, with_headmax=True)
         align, mapped = oracle.alignment_scores(alignment, mid, branch)
         pool = pool + oracle.pooled(align, mapped, lengths, protected, alignment.dim)
         counts = report[name].tolist()
@@ -119,7 +121,8 @@ def _check_tower(model, seen, tower, lengths, protected, causal, branch, tempera
         for b, n in enumerate(lengths):
             s = slice(start, start + n)
             args = (mid[s], received[s], cls[s], o[s], align[s], protected[start:start + n])
-            dec, err = _match(out, args, start_out, counts[b], mid[s], temperature, merge)
+            dec, err = _match(out, args, start_out, counts[b], mid[s], temperature, merge, importance=importance,
+                              headmax=headmax[s] if importance == "official" else None)
             assert err is None, f"{name}, sample {b}: {err}"
             new_protected += [protected[start + k] for k in dec.kept] + [False] * (dec.merged is not None)
             start, start_out = start + n, start_out + counts[b]
@@ -130,13 +133,14 @@ def _check_tower(model, seen, tower, lengths, protected, causal, branch, tempera
     return pruned_layers
 
 
+@pytest.mark.parametrize("importance", ["minmax", "official"])
 @pytest.mark.parametrize("execution", ["ragged", "padded"])
 @pytest.mark.parametrize("seed,merge,temperature", [(0, True, 0.5), (1, True, 0.05), (2, False, 2.0)])
-def test_clip_pruning_layers_match_the_oracle(execution, seed, merge, temperature):
+def test_clip_pruning_layers_match_the_oracle(execution, seed, merge, temperature, importance):
     torch.manual_seed(seed)
     model = CLIPModel(tiny_config()).eval()
     madtp.apply(model, madtp.MADTPConfig(num_alignment_tokens=6, temperature=temperature, merge_pruned=merge,
-                                         execution=execution))
+                                         execution=execution, importance=importance))
     with torch.no_grad():   # trained alignment tokens are far from their 0.02 init: make the min over k matter
         model.madtp.alignment.tokens.normal_(0, 0.3)
     x = inputs(batch=4, lengths=(9, 2, 6, 5), seed=seed)
@@ -147,7 +151,8 @@ def test_clip_pruning_layers_match_the_oracle(execution, seed, merge, temperatur
         h.remove()
     batch, patches = x["pixel_values"].shape[0], (32 // 8) ** 2 + 1
     pruned = _check_tower(model, seen, "vision_model", [patches] * batch, [False] * (batch * patches),
-                          causal=False, branch="vision", temperature=temperature, merge=merge)
+                          causal=False, branch="vision", temperature=temperature, merge=merge,
+                          importance=importance)
     assert pruned == 3, "every vision layer should drop tokens here"
     ids, mask = x["input_ids"], x["attention_mask"]
     lengths = mask.sum(1).tolist()
@@ -155,4 +160,4 @@ def test_clip_pruning_layers_match_the_oracle(execution, seed, merge, temperatur
     protected = [j == eot[b] for b, n in enumerate(lengths) for j in range(n)]
     # CLIP's causal text tower never merges (models/clip.py TEXT: EOT cannot see a merged row)
     _check_tower(model, seen, "text_model", lengths, protected, causal=True, branch="text",
-                 temperature=temperature, merge=False)
+                 temperature=temperature, merge=False, importance=importance)
