@@ -149,8 +149,10 @@ def check(impl, result, case, lengths, cu, q, k, v):
         out, received, cls = result
         valid = torch.arange(out.shape[2], device=DEVICE) < lengths[:, None]
         torch.testing.assert_close(out.transpose(1, 2)[valid], want, **tol)
-        torch.testing.assert_close(received.transpose(1, 2)[valid].float(), stats.received, **tol)
-        torch.testing.assert_close(cls.transpose(1, 2)[valid].float(), stats.cls, **tol)
+        # fp16 probabilities summed in fp16 over up to 577 queries: received carries fp16's rounding per term
+        stats_tol = dict(atol=2e-2, rtol=1e-2) if DTYPE == torch.float16 else tol
+        torch.testing.assert_close(received.transpose(1, 2)[valid].float(), stats.received, **stats_tol)
+        torch.testing.assert_close(cls.transpose(1, 2)[valid].float(), stats.cls, **stats_tol)
         return
     got = result[0].transpose(0, 1) if impl == "flex-attention" else result
     torch.testing.assert_close(got, want, **tol)
