@@ -358,7 +358,8 @@ def test_ragged_gain_vs_spread(benchmark, spread, execution):
     if execution == "ragged":   # both executions compute the same rows: checked once, outside the timing
         valid = args[4][:, 0, 0, :]
         torch.testing.assert_close(fn(), _stack_forward("padded", *args)[valid],
-                                   atol=1e-3 if DTYPE == torch.float32 else 2e-2, rtol=1e-3)
+                                   **(dict(atol=1e-3, rtol=1e-3) if DTYPE == torch.float32 else
+                                      dict(atol=2e-2, rtol=1e-2)))   # fp16: SDPA and varlen round differently
     benchmark.group = SPREAD_GROUP
     extra = {}
     if execution == "ragged":
