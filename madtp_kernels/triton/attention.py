@@ -337,27 +337,32 @@ def _headmax_kernel(q_ptr, k_ptr, lse_ptr, headmax_ptr, q_index_ptr, kv_index_pt
     m_lo = 0
     if CAUSAL:  # queries before n_start - diag see none of these keys
         m_lo = tl.maximum(n_start - diag, 0) // BLOCK_M * BLOCK_M
+    # Physical rows are looked up once, not once per head (an index gather would repeat the same loads).
+    k_rows = _physical_rows(kv_index_ptr, k_start + offs_n, n_ok, HAS_KV_INDEX)
+    k_mask = _row_mask(n_ok, offs_d, HEAD_DIM, BLOCK_D)
     headmax = tl.zeros([BLOCK_N], dtype=tl.float32)
     for m in range(m_lo, q_len, BLOCK_M):
         offs_m = m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < q_len
-        # The sequence's first query is left out (the official importance reads attn[:, :, 1:, 1:]); padding
-        # rows and the causal triangle count 0. Probabilities are >= 0, so 0 starts the max.
-        counted = (m_ok & (offs_m > 0))[:, None] & n_ok[None, :]
-        if CAUSAL:
-            counted = counted & (offs_n[None, :] <= offs_m[:, None] + diag)
+        q_rows = _physical_rows(q_index_ptr, q_start + offs_m, m_ok, HAS_Q_INDEX)
+        q_mask = _row_mask(m_ok, offs_d, HEAD_DIM, BLOCK_D)
+        # Probabilities are >= 0, so 0 starts the max.
         pmax = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for h in range(0, H):
-            k = _load_tile(k_ptr, kv_index_ptr, k_start + offs_n, n_ok, h, H, offs_d, HAS_KV_INDEX, HEAD_DIM,
-                           BLOCK_D)
-            q = _load_tile(q_ptr, q_index_ptr, q_start + offs_m, m_ok, h, H, offs_d, HAS_Q_INDEX, HEAD_DIM,
-                           BLOCK_D)
+            k = tl.load(k_ptr + _row_offsets(k_rows, h, H, offs_d, HEAD_DIM), mask=k_mask, other=0.0)
+            q = tl.load(q_ptr + _row_offsets(q_rows, h, H, offs_d, HEAD_DIM), mask=q_mask, other=0.0)
             lse = tl.load(lse_ptr + (q_start + offs_m).to(tl.int64) * H + h, mask=m_ok, other=float("inf"))
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
             p = tl.math.exp2(s - lse[:, None] * 1.4426950408889634)
             # NaN propagates through the max, as the sums of `received` propagate it
-            pmax = tl.maximum(pmax, tl.where(counted, p, 0.0), propagate_nan=tl.PropagateNan.ALL)
-        headmax += tl.sum(pmax, axis=0)
+            pmax = tl.maximum(pmax, p, propagate_nan=tl.PropagateNan.ALL)
+        # The sequence's first query is left out (the official importance reads attn[:, :, 1:, 1:]); padding
+        # rows (a zero q times an inf key is NaN) and the causal triangle count 0. Masked once per query block,
+        # after the heads: the mask is not live across the head loop.
+        counted = (m_ok & (offs_m > 0))[:, None] & n_ok[None, :]
+        if CAUSAL:
+            counted = counted & (offs_n[None, :] <= offs_m[:, None] + diag)
+        headmax += tl.sum(tl.where(counted, pmax, 0.0), axis=0)
     if q_ptr.dtype.element_ty == tl.float32:  # re-read, as in the forward's epilogue
         k_start = tl.load(cu_k_ptr + seq, volatile=True)
         n_ok = offs_n < tl.load(cu_k_ptr + seq + 1, volatile=True) - k_start
