@@ -296,3 +296,28 @@ def test_official_non_finite(backend, device, where):
     nan_rows = cand if tensor == "headmax" else [row]
     assert got.importance[nan_rows].isnan().all() and bool(got.threshold[0].isnan())
     assert got.layout.lengths()[0] == 3 and got.kept_index[:3].tolist() == [0, 4, -1]   # first, protected, merged
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PARAMS if p.id.endswith("cpu")])
+@pytest.mark.parametrize("importance", IMPORTANCE)
+@pytest.mark.parametrize("merge", [True, False])
+def test_one_host_read(backend, device, importance, merge, monkeypatch):
+    # Given a RaggedLayout (offsets already known), the op reads the device once: the new offsets. The
+    # no-saving rule and the official sums are device ops (a Python `if` on a tensor would be a second read).
+    lengths = [5, 0, 9, 1, 3, 2]
+    x, cu, stats, attn_out, align, protected = make(lengths, protect=0.2, sign=1)
+    layout = mk.RaggedLayout.from_cu_seqlens(cu, x.shape[0])
+    reads = []
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with mk.use_backend(backend):
+        out = mk.score_and_prune(x, layout, stats, attn_out, align, temperature=0.5, protected=protected,
+                                 merge=merge, importance=importance)
+    monkeypatch.undo()
+    assert reads == ["tolist"], reads
+    assert out.layout.offsets[-1] == out.x.shape[0]
