@@ -186,7 +186,7 @@ _cusparselt_weight = _PerWeight(
 
 
 def _torch_forward(x, values, meta, bias):
-    return F.linear(x, _dense_weight(values, meta), bias)
+    return F.linear(x.contiguous(), _dense_weight(values, meta), bias)
 
 
 _PLAIN = (Tensor, nn.Parameter)   # not subclasses that override torch functions (FakeTensor, DTensor, ...)
@@ -258,9 +258,11 @@ def sparse_linear(x: Tensor, weight: SparseWeight, bias: Tensor | None = None) -
     rows = math.prod(x.shape[:-1])
     impl = _dispatch.select("sparse_linear", x.device, x.dtype, rows=rows, features=weight.shape)
     if impl is _TORCH_OP and _direct_call(x, weight.values, bias):
-        # F.linear takes views and [..., in_features] as they are; the dense weight is derived once per values
-        # tensor (a view included), contiguous [out_features, in_features]: the layout nn.Linear holds.
-        return F.linear(x, _dense_weight(weight.values, weight.meta), bias)
+        # The dense weight is derived once per values tensor (a view included), contiguous [out_features,
+        # in_features]: the layout nn.Linear holds. x is made contiguous as the op's path does: CPU F.linear on a
+        # strided fp16/bf16 view takes a kernel that accumulates in the input dtype (errors of ~30x the fp32
+        # accumulation bound, found by test_attack); on contiguous rows it is a no-op.
+        return F.linear(x.contiguous(), _dense_weight(weight.values, weight.meta), bias)
     # Every backend indexes its operands as contiguous rows (the Triton kernel by K // 2 and K // 8, the CUDA
     # launcher refuses anything else): views are copied here, contiguous tensors pass as they are.
     y = impl(x.reshape(rows, in_features).contiguous(), weight.values.contiguous(), weight.meta.contiguous(),

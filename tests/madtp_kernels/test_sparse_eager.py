@@ -120,3 +120,21 @@ def test_an_in_place_change_after_direct_calls_is_seen():
         weight.values.mul_(-2)
         y = mk.sparse_linear(x, weight)
     torch.testing.assert_close(y, F.linear(x, weight.to_dense()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_strided_half_precision_input_accumulates_in_fp32(dtype):
+    # CPU F.linear on a transposed fp16/bf16 view takes a kernel that accumulates in the input dtype (the attack
+    # suite found 2.4x the fp32-accumulation bound at K=8); the direct path must see the rows the op would.
+    w = _weight().to(dtype)
+    weight = mk.compress_2to4(w)
+    bias = torch.randn(48).to(dtype)
+    x = torch.randn(3, 7, 64).to(dtype).transpose(0, 1)   # [7, 3, 64], not contiguous
+    with torch.no_grad(), mk.use_backend("torch"):
+        y = mk.sparse_linear(x, weight, bias)
+    x64, w64, b64 = x.double(), w.double(), bias.double()
+    want = x64 @ w64.T + b64
+    mag = x64.abs() @ w64.abs().T + b64.abs()
+    bound = 2 * (64 + 2) * torch.finfo(torch.float32).eps * mag + torch.finfo(dtype).eps * want.abs()
+    err = (y.double() - want).abs()
+    assert (err <= bound).all(), f"max error / bound {(err / bound).max().item():.3g}"
