@@ -259,10 +259,13 @@ def sparse_linear(x: Tensor, weight: SparseWeight, bias: Tensor | None = None) -
     impl = _dispatch.select("sparse_linear", x.device, x.dtype, rows=rows, features=weight.shape)
     if impl is _TORCH_OP and _direct_call(x, weight.values, bias):
         # The dense weight is derived once per values tensor (a view included), contiguous [out_features,
-        # in_features]: the layout nn.Linear holds. x is made contiguous as the op's path does: CPU F.linear on a
-        # strided fp16/bf16 view takes a kernel that accumulates in the input dtype (errors of ~30x the fp32
-        # accumulation bound, found by test_attack); on contiguous rows it is a no-op.
-        return F.linear(x.contiguous(), _dense_weight(weight.values, weight.meta), bias)
+        # in_features]: the layout nn.Linear holds. x and bias go in as the op's path gives them, contiguous
+        # [rows, in_features]: CPU F.linear in fp16/bf16 accumulates in the input dtype on a strided x, and on a
+        # 1-D x with a strided bias rounds x @ W^T before adding it (up to 57x the fp32-accumulation bound;
+        # found by test_attack).
+        y = F.linear(x.reshape(rows, in_features).contiguous(), _dense_weight(weight.values, weight.meta),
+                     None if bias is None else bias.contiguous())
+        return y.reshape(*x.shape[:-1], out_features)
     # Every backend indexes its operands as contiguous rows (the Triton kernel by K // 2 and K // 8, the CUDA
     # launcher refuses anything else): views are copied here, contiguous tensors pass as they are.
     y = impl(x.reshape(rows, in_features).contiguous(), weight.values.contiguous(), weight.meta.contiguous(),

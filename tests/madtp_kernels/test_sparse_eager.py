@@ -122,14 +122,22 @@ def test_an_in_place_change_after_direct_calls_is_seen():
     torch.testing.assert_close(y, F.linear(x, weight.to_dense()))
 
 
+@pytest.mark.parametrize("shape", ["strided", "one_row"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_a_strided_half_precision_input_accumulates_in_fp32(dtype):
-    # CPU F.linear on a transposed fp16/bf16 view takes a kernel that accumulates in the input dtype (the attack
-    # suite found 2.4x the fp32-accumulation bound at K=8); the direct path must see the rows the op would.
+def test_a_half_precision_input_accumulates_in_fp32(dtype, shape):
+    # CPU F.linear on a transposed fp16/bf16 view takes a kernel that accumulates in the input dtype, and on a 1-D
+    # x with a strided bias rounds x @ W^T before the bias is added (the attack suite found 2.4x and 1.5x the
+    # fp32-accumulation bound at K=8); the direct path must give F.linear the rows the op would.
     w = _weight().to(dtype)
     weight = mk.compress_2to4(w)
-    bias = torch.randn(48).to(dtype)
-    x = torch.randn(3, 7, 64).to(dtype).transpose(0, 1)   # [7, 3, 64], not contiguous
+    g = torch.Generator().manual_seed(1)
+    if shape == "strided":
+        bias = torch.randn(48, generator=g).to(dtype)
+        x = torch.randn(3, 7, 64, generator=g).to(dtype).transpose(0, 1)   # [7, 3, 64], not contiguous
+    else:   # a strided bias that nearly cancels x @ W^T: a rounding before the add is seen
+        x = torch.randn(64, generator=g).to(dtype)
+        near = -(x.double() @ w.double().T) + 0.01 * torch.randn(48, generator=g, dtype=torch.float64)
+        bias = torch.stack((near, near), 1).to(dtype)[:, 0]   # stride 2
     with torch.no_grad(), mk.use_backend("torch"):
         y = mk.sparse_linear(x, weight, bias)
     x64, w64, b64 = x.double(), w.double(), bias.double()
