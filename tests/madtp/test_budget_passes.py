@@ -145,6 +145,58 @@ def test_compress_refuses_a_task_whose_loss_counts_other_passes(blip):
         _check_same_passes(model, sensitivity(model, bad, calib, (1.0,)), bad, calib)
 
 
+def test_blip_estimate_counts_the_image_rows_the_text_no_longer_projects(blip):
+    """split_budget's estimate of a combination takes off the text's key/value Linear work that vision pruning
+    saves (measured in the vision entries, text unpruned), and nothing of the cross-attention products: it lies
+    between the purely additive estimate and what the combination measures."""
+    from madtp.compress.budget import _gflops
+
+    model, task, calib, reference, table = blip
+    d = table.dense
+    for v in (table.entries["vision"][0], table.entries["vision"][-1]):
+        for t in (table.entries["text"][0], table.entries["text"][-1]):
+            additive = d.gflops["other"] + v.gflops["vision"] + t.gflops["text"]
+            saved = (d.linear["text"] - v.linear["text"]) + (d.linear["vision"] - t.linear["vision"])
+            assert d.linear["vision"] == t.linear["vision"] and saved > 0    # the text does not shrink the image
+            estimate = _gflops({"vision": v, "text": t}, table, 1.0)
+            assert estimate == pytest.approx(additive - saved, rel=1e-12)
+            measured = counted_at(model, task, calib, vision=v.temperature, text=t.temperature)["total"]
+            assert measured <= estimate < additive, (v.temperature, t.temperature)
+    # a target past the additive estimate's deepest but within the measured reach: accepted, and met
+    deepest = counted_at(model, task, calib, vision=GRID[-1], text=GRID[-1])["total"]
+    additive_best = 1 - min(d.gflops["other"] + v.gflops["vision"] + t.gflops["text"]
+                            for v in table.entries["vision"] for t in table.entries["text"]) / reference
+    target = (additive_best + 1 - deepest / reference) / 2
+    temps = split_budget(table, target, dense_gflops=reference, weight_sparsity=None)
+    reached = 1 - counted_at(model, task, calib, **{b: t for b, t in temps.items() if t})["total"] / reference
+    assert reached >= target, (target, temps, reached)
+
+
+def test_plan_targets_hand_the_cross_saving_to_the_branch_that_runs_it():
+    """Synthetic: vision pruning saves 0.5 of the text's Linear work (its keys and values). The text's controller
+    target is its own entry less that 0.5 (what it measures with vision pruned), its start temperature read off
+    its own curve at the target plus 0.5, and the targets add up to the budget."""
+    from madtp.compress.budget import CostModel, SensitivityEntry, SensitivityTable
+    from madtp.compress.pipeline import plan_targets
+
+    def entry(t, v, vl, tx, tl):
+        return SensitivityEntry(t, 1.0, {"vision": v, "text": tx, "other": 0.0, "total": v + tx},
+                                {"vision": vl, "text": tl})
+    dense = entry(None, 8.0, 6.0, 4.0, 3.0)
+    vision = [entry(1.0, 7.0, 5.0, 3.5, 2.5), entry(2.0, 5.0, 3.0, 3.5, 2.5)]   # the text 0.5 cheaper
+    text = [entry(1.0, 8.0, 6.0, 3.0, 2.0), entry(2.0, 8.0, 6.0, 2.0, 1.0)]
+    table = SensitivityTable([1.0, 2.0], dense, {"vision": vision, "text": text}, CostModel({}, {}, "ragged"),
+                             "ragged")
+    # vision t=2 + text t=2: 5 + 2 - 0.5 = 6.5 (additively 7: a 0.33 reduction of 12 would be refused)
+    assert split_budget(table, 1 - 6.5 / 12, weight_sparsity=None) == {"vision": 2.0, "text": 2.0}
+    targets, starts = plan_targets(table, {"vision": 2.0, "text": 2.0}, 7.0, None)
+    # slack 0.5, shared as the branches save (3 and 2): vision 5 + 0.3, text 2 - 0.5 + 0.2
+    assert targets == pytest.approx({"vision": 5.3, "text": 1.7})
+    assert sum(targets.values()) == pytest.approx(7.0)
+    # text: 1.7 + 0.5 = 2.2 on its own curve (3 at t=1, 2 at t=2): log-linear, 80% of the way
+    assert starts["text"] == pytest.approx(2 ** 0.8)
+
+
 def controller_reading(model, task, table, batches, branch, temperature):
     """What the controller measures over training-mode forwards of task.forward at `temperature`."""
     ctl = TemperatureController(model, table.cost_model, {branch: 1.0}, {branch: temperature}, {branch: -1.0})

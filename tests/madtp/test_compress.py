@@ -414,7 +414,7 @@ def test_blip_cost_model_with_cross_attention_and_teacher_text_summaries():
     assert len(t_out.summaries["text"]) == 2
     parts = distillation_loss(itm, teacher, out, t_out, beta_v=1.0, beta_t=1.0, task_loss=torch.zeros(()))
     assert parts["distill_vision"].item() < 1e-10 and parts["distill_text"].item() < 1e-10
-    for execution in ("ragged", "padded"):
+    for execution in ("ragged", "padded", "published"):
         madtp.set_execution(itm, execution)
         calib = [blip.inputs(seed=4), blip.inputs(lengths=(5, 9), seed=5)]   # two shapes pin the cost model
         with warnings.catch_warnings():

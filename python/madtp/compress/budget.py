@@ -5,8 +5,10 @@
    tower, per sample) and the loss, with only that branch pruned. The same forwards fit the cost model (3.).
 2. `split_budget`: one temperature per branch that meets a GFLOPs reduction with the smallest summed loss
    increase; with 2:4 weight sparsity the encoders' prunable Linear layers count at half, and the token pruning
-   only has to deliver the rest. Branch effects are taken as additive (in BLIP the text tower's cross-attention
-   also shrinks with the image: the controller corrects that online).
+   only has to deliver the rest. Branch effects are taken as additive, except for the Linear work one branch's
+   pruning saves in another (`cross_saving`: BLIP's text cross-attends to the kept image rows, and its keys and
+   values are projected from them, whatever the text keeps); the rest of that interaction (the cross-attention
+   products, which also shrink with the text) is left out, so an estimate never promises more than is saved.
 3. `TemperatureController`: a Trainer callback holding each branch's GFLOPs at its target while training moves
    the weights (and with them how many tokens a temperature keeps): PI control on log temperature.
 
@@ -134,7 +136,7 @@ class _Watcher:
         x = inputs.memory
         if x is None:
             return torch.zeros(batch, dtype=torch.float64)
-        if self.state.execution == "padded":
+        if self.state.execution in ("padded", "published"):   # both run padded layers
             return torch.full((batch,), float(x.shape[1]), dtype=torch.float64)
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         if inputs.memory_valid is not None:
@@ -151,7 +153,7 @@ class _Watcher:
             torch.full((batch,), float(n), dtype=torch.float64)
         record = self.state.records.get(tower.spec.branch)
         kept = record.kept if record is not None else {}
-        padded = self.state.execution == "padded"
+        padded = self.state.execution in ("padded", "published")
         training = self.state.recording or torch.is_grad_enabled()
         memory = self._memory_rows(inputs, batch)
         top = lambda t: torch.full_like(t, float(t.max()) if t.numel() else 0.0)  # noqa: E731
@@ -460,12 +462,21 @@ def _samples(batch_size: Callable[[object], int], batch) -> int:
 
 # ------------------------------------------------------------------ the split
 
+def cross_saving(table: SensitivityTable, entry_by_branch: dict[str, SensitivityEntry], branch: str) -> float:
+    """GFLOPs per sample of `branch`'s eligible Linear layers that the other branches' pruning saves in it (their
+    entries ran `branch` unpruned: BLIP's text projects fewer image rows to keys and values). That saving does not
+    depend on what `branch` itself keeps; Linear layers outside the 2:4 set are not seen (never over-counted)."""
+    return sum(max(0.0, table.dense.linear[branch] - e.linear[branch])
+               for other, e in entry_by_branch.items() if other != branch)
+
+
 def _gflops(entry_by_branch: dict[str, SensitivityEntry], table: SensitivityTable, factor: float) -> float:
     """Total GFLOPs per sample of a choice (one entry per branch), the eligible Linear work times factor."""
     total = table.dense.gflops["other"]
     for branch in table.branches:
         e = entry_by_branch[branch]
-        total += e.gflops[branch] - (1.0 - factor) * e.linear[branch]
+        cross = cross_saving(table, entry_by_branch, branch)
+        total += e.gflops[branch] - cross - (1.0 - factor) * (e.linear[branch] - cross)
     return total
 
 

@@ -72,6 +72,7 @@ from .budget import (
     WEIGHT_SPARSITY,
     SensitivityTable,
     TemperatureController,
+    cross_saving,
     measure_sensitivity,
     split_budget,
 )
@@ -572,12 +573,17 @@ def plan_targets(table: SensitivityTable, temperatures: dict[str, float | None],
     factor = WEIGHT_SPARSITY[weight_sparsity]
     pruned = [b for b in table.branches if temperatures.get(b) is not None]
     chosen = {b: table.entry(b, temperatures.get(b)) for b in table.branches}
-    total = table.dense.gflops["other"] + sum(e.gflops[b] - (1 - factor) * e.linear[b] for b, e in chosen.items())
+    # what each branch runs with the others pruned too (BLIP's text projects fewer image rows), as split_budget
+    # counts it: the controller measures the branch in that company
+    cross = {b: cross_saving(table, chosen, b) for b in table.branches}
+    own = {b: e.gflops[b] - cross[b] for b, e in chosen.items()}
+    total = table.dense.gflops["other"] + sum(own[b] - (1 - factor) * (e.linear[b] - cross[b])
+                                              for b, e in chosen.items())
     slack = max(0.0, budget - total)
     ratio, savings = {}, {}
     for b in pruned:
         e = chosen[b]
-        ratio[b] = 1 - (1 - factor) * e.linear[b] / e.gflops[b] if e.gflops[b] else 1.0
+        ratio[b] = 1 - (1 - factor) * (e.linear[b] - cross[b]) / own[b] if own[b] else 1.0
         # a branch whose GFLOPs do not move over the grid cannot absorb slack: it stays at its grid point
         savings[b] = max(0.0, table.dense.gflops[b] - e.gflops[b]) * ratio[b] if controllable(table, b) else 0.0
     weight = sum(savings.values())
@@ -587,9 +593,10 @@ def plan_targets(table: SensitivityTable, temperatures: dict[str, float | None],
         # no more than the least pruning of the grid: below its lowest temperature the GFLOPs need not rise
         # (every pruning layer drops its least important tokens at any temperature), and a target there would
         # only wind the controller up against its clamp
-        reachable = max(e.gflops[b] for e in table.entries[b])
-        targets[b] = min(chosen[b].gflops[b] + give / ratio[b], max(reachable, chosen[b].gflops[b]))
-        starts[b] = _interpolate_temperature(table, b, targets[b], temperatures[b])
+        reachable = max(e.gflops[b] for e in table.entries[b]) - cross[b]
+        targets[b] = min(own[b] + give / ratio[b], max(reachable, own[b]))
+        # the table's curve ran the other branches unpruned: without their saving
+        starts[b] = _interpolate_temperature(table, b, targets[b] + cross[b], temperatures[b])
     return targets, starts
 
 
