@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import EXECUTIONS  # light: no torch, no transformers
+from .config import EXECUTIONS, IMPORTANCES  # light: no torch, no transformers
 
 PROG = "madtp"
 EXIT_USAGE = 2
@@ -395,7 +395,8 @@ def _positive_int(text: str) -> int:
 # CompressConfig's defaults, repeated so that `madtp --help` need not import transformers (madtp.compress does);
 # tests/madtp/test_pipeline.py checks that they are CompressConfig's.
 COMPRESS_DEFAULTS = dict(weight_sparsity="2:4", num_alignment_tokens=16, prune_vision=True, prune_text=True,
-                         execution="ragged", temperatures=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+                         execution="ragged", importance="minmax",
+                         temperatures=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
                          calibration_batches=4, alpha=0.1, beta_v=1.0, beta_t=1.0, gamma=1.0, kd_temperature=2.0,
                          srste_decay=2e-4, controller_kp=0.2, controller_ki=0.3, settle_steps=8, latency_repeats=5)
 
@@ -442,6 +443,10 @@ def _add_compress(parser: argparse.ArgumentParser) -> None:
                    help="how the pruned model runs: ragged (packed tokens), padded (the same decisions, each layer "
                         "padded to the batch's longest sample) or published (the published code's policy: every "
                         "sample keeps the batch's largest keep count; padded) (default: %(default)s)")
+    c.add_argument("--importance", choices=IMPORTANCES, default=d["importance"],
+                   help="token importance formula: minmax (each term min-max normalised per sample) or official "
+                        "(the published MADTP formula: received and alignment sum-normalised, CLS unnormalised) "
+                        "(default: %(default)s)")
     c.add_argument("--temperatures", type=float, nargs="+", default=list(d["temperatures"]), metavar="T",
                    help="temperature grid of the sensitivity measurement and the budget split "
                         "(default: %(default)s)")
@@ -535,7 +540,8 @@ def _configs(args):
         weight_sparsity=args.weight_sparsity, allow_unaccelerated=args.allow_unaccelerated,
         num_alignment_tokens=args.num_alignment_tokens, prune_vision=args.prune_vision, prune_text=args.prune_text,
         prune_layers=tuple(args.prune_layers) if args.prune_layers else None, execution=args.execution,
-        temperatures=tuple(args.temperatures), calibration_batches=args.calibration_batches, alpha=args.alpha,
+        importance=args.importance, temperatures=tuple(args.temperatures),
+        calibration_batches=args.calibration_batches, alpha=args.alpha,
         beta_v=args.beta_v, beta_t=args.beta_t, gamma=args.gamma, kd_temperature=args.kd_temperature,
         srste_decay=args.srste_decay, controller_kp=args.controller_kp, controller_ki=args.controller_ki,
         settle_steps=args.settle_steps, latency_repeats=args.latency_repeats)

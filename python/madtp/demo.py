@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .config import IMPORTANCES
+
 DEFAULT_TARGETS = (0.5, 0.8)
 # Wider than the pipeline's default grid at both ends, so the search covers the whole range the threshold moves
 # over on this 4-layer model (measured: even 1e-4 prunes past 50% fewer GFLOPs, and from 1e2 to 1e4 the
@@ -49,7 +51,8 @@ QUICK = DemoSizes(train_samples=64, eval_samples=32, steps=4, batch=16, settle_s
 
 
 def run(output: str | Path = "madtp-demo", *, targets=DEFAULT_TARGETS, quick: bool = False, model_dir=None,
-        steps: int | None = None, lr: float = 2e-4, threads: int | None = None, progress: bool = True):
+        steps: int | None = None, lr: float = 2e-4, threads: int | None = None, progress: bool = True,
+        importance: str = "minmax"):
     """Run the demo; returns the pipeline's CompressResult (its .table is the first table printed, the policies
     table follows)."""
     from .compress.pipeline import CompressConfig, compress
@@ -72,7 +75,7 @@ def run(output: str | Path = "madtp-demo", *, targets=DEFAULT_TARGETS, quick: bo
                                lr=lr, warmup_steps=max(1, (steps or sizes.steps) // 10), progress=progress,
                                checkpoint_at_end=False, device="cpu")
     config = CompressConfig(target_gflops_reduction=tuple(targets), weight_sparsity="2:4", temperatures=TEMPERATURES,
-                            unreachable="closest",
+                            unreachable="closest", importance=importance,
                             calibration_batches=sizes.calibration_batches, settle_steps=sizes.settle_steps,
                             latency_repeats=sizes.latency_repeats, train=train_config)
     task = ClipRetrieval(use_negatives=True)
@@ -159,6 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a shapes CLIP written by `python -m madtp.train_shapes` (default: the shipped one)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--importance", choices=IMPORTANCES, default="minmax",
+                        help="token importance formula: minmax (ours) or official (the published MADTP formula) "
+                             "(default: minmax)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -180,5 +186,5 @@ def main(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output: {out} exists and is not a directory")
     run(args.output, targets=args.targets, quick=args.quick, model_dir=args.model, steps=args.steps, lr=args.lr,
-        threads=args.threads)
+        threads=args.threads, importance=args.importance)
     return 0

@@ -361,7 +361,8 @@ def recording(model: nn.Module):
 
 
 def set_execution(model: nn.Module, execution: str) -> None:
-    """Switch between "ragged" and "padded" execution (same parameters, same outputs, different time)."""
+    """Switch execution: "ragged" or "padded" (same decisions, same outputs, different time), or "published" (the
+    published code's batch policy: other kept tokens, padded)."""
     state = _state(model)
     if execution not in EXECUTIONS:
         raise ValueError(f"execution: expected one of {EXECUTIONS}, got {execution!r}")

@@ -333,3 +333,15 @@ def test_cli_help_lists_every_option(capsys):
     assert code == 2 and "COMMAND" in err
     defaults = {f.name: f.default for f in dataclasses.fields(CompressConfig)}
     assert cli.COMPRESS_DEFAULTS == {k: defaults[k] for k in cli.COMPRESS_DEFAULTS}
+
+
+@pytest.mark.parametrize("importance", ["minmax", "official"])
+def test_importance_option_reaches_the_model_config(importance, tmp_path):
+    args = cli.build_parser().parse_args([str(a) for a in compress_args(tmp_path / "d", tmp_path / "o",
+                                                                         "--importance", importance)])
+    config, _ = cli._configs(args)
+    assert config.importance == importance and config.madtp_config().importance == importance
+    demo_args = cli.build_parser().parse_args(["demo", "--importance", importance])
+    assert demo_args.importance == importance
+    with pytest.raises(ValueError, match="importance: expected one of"):
+        CompressConfig(importance="fvcore")

@@ -154,3 +154,32 @@ def test_export_modes_follow_the_umask(clip, tmp_path, mask):
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
     for f in out.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
+
+
+def test_importance_is_saved_and_an_export_without_it_loads_as_minmax(clip, tmp_path):
+    import shutil
+
+    from madtp.integrity import SEAL_KEY
+
+    model = madtp.apply(copy.deepcopy(clip), madtp.MADTPConfig(num_alignment_tokens=8, temperature=1.0,
+                                                               importance="official"))
+    x = inputs()
+    expected = run(model, **x).logits_per_image
+    out = serialization.save(model, tmp_path / "official")
+    assert json.loads((out / "madtp.json").read_text())["madtp"]["config"]["importance"] == "official"
+    loaded = serialization.load(out)
+    assert loaded.madtp.config.importance == "official"
+    torch.testing.assert_close(run(loaded, **x).logits_per_image, expected, atol=0, rtol=0)
+    # an export written before the option existed (no 'importance' key) ran the min-max formula
+    d = shutil.copytree(out, tmp_path / "old")
+    meta = json.loads((d / "madtp.json").read_text())
+    del meta["madtp"]["config"]["importance"], meta["files"], meta[SEAL_KEY]
+    meta["format"] = "madtp-compressed/1"
+    (d / "madtp.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="no file hashes"):
+        assert serialization.load(d).madtp.config.importance == "minmax"
+    meta["madtp"]["config"]["importance"] = "fvcore"
+    (d / "madtp.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="'madtp.config': importance: expected one of"), \
+            pytest.warns(UserWarning, match="no file hashes"):
+        serialization.load(d)

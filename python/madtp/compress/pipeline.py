@@ -114,7 +114,8 @@ class CompressConfig:
     weight_sparsity          "2:4" (Sparse Tensor Cores; the Linear layers count at half), None (token pruning
                              only), or another "N:M" with allow_unaccelerated=True (trained and reported, but no
                              hardware runs it faster: its GFLOPs count as dense and it is saved as masked dense)
-    num_alignment_tokens, prune_vision, prune_text, prune_layers, execution    the MADTPConfig of the model
+    num_alignment_tokens, prune_vision, prune_text, prune_layers, execution, importance    the MADTPConfig of the
+                             model (importance: "minmax" ours, "official" the published MADTP token importance)
     temperatures             the grid measure_sensitivity and split_budget search over
     calibration_batches      training batches the sensitivity table and the cost model are measured on (sizes
                              alternate between micro_batch_size and half of it, so the cost model is pinned down)
@@ -138,6 +139,7 @@ class CompressConfig:
     prune_text: bool = True
     prune_layers: tuple[int, ...] | None = None
     execution: str = "ragged"
+    importance: str = "minmax"
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
     calibration_batches: int = 4
     alpha: float = 0.1
@@ -172,7 +174,7 @@ class CompressConfig:
         object.__setattr__(self, "weight_sparsity", _check_pattern(self.weight_sparsity, self.allow_unaccelerated))
         # MADTPConfig checks its own fields (the same names)
         MADTPConfig(num_alignment_tokens=self.num_alignment_tokens, prune_layers=self.prune_layers,
-                    execution=self.execution)
+                    execution=self.execution, importance=self.importance)
         if self.prune_layers is not None:
             object.__setattr__(self, "prune_layers", tuple(sorted(set(self.prune_layers))))
         for name in ("prune_vision", "prune_text"):
@@ -207,7 +209,7 @@ class CompressConfig:
     def madtp_config(self) -> MADTPConfig:
         return MADTPConfig(num_alignment_tokens=self.num_alignment_tokens, temperature=None,
                            prune_vision=self.prune_vision, prune_text=self.prune_text, execution=self.execution,
-                           prune_layers=self.prune_layers)
+                           prune_layers=self.prune_layers, importance=self.importance)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
