@@ -237,7 +237,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """q [Pq, H, D], k/v [Pk, H, D] (physical rows) -> (out [Tq, H, D], received [Tk, H], cls [Tk, H],
     lse [Tq, H], headmax [Tk]).
 
-    Stats are [0, H] when return_stats is False, headmax [0] when headmax_stats is False; stats and lse are float32 (float64 for float64 inputs).
+    Stats are [0, H] when return_stats is False, headmax [0] when headmax_stats is False; stats and lse are
+    float32 (float64 for float64 inputs).
     lse is the natural log-sum-exp of each query's scores, +inf for a query with no key (flash-attn's rule,
     so exp(s - lse) is 0 there).
     """

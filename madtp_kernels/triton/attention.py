@@ -532,8 +532,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """-> (out [Tq, H, D] q.dtype, received [Tk, H] fp32, cls [Tk, H] fp32, lse [Tq, H] fp32, headmax [Tk] fp32),
     logical order.
 
-    received and cls are [0, H] unless return_stats, headmax [0] unless headmax_stats. lse is the natural log-sum-exp of each query's scaled
-    scores over its allowed keys, +inf for a query with none; `varlen_attention_backward` takes it.
+    received and cls are [0, H] unless return_stats, headmax [0] unless headmax_stats. lse is the natural
+    log-sum-exp of each query's scaled scores over its allowed keys, +inf for a query with none;
+    `varlen_attention_backward` takes it.
     """
     H, D = q.shape[1], q.shape[2]
     Tq = q.shape[0] if q_index is None else q_index.numel()

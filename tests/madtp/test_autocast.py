@@ -103,7 +103,7 @@ def test_autocast_forward_keeps_what_fp32_keeps(monkeypatch, dtype):
         assert torch.isfinite(out.logits_per_image).all()
     fp32, amp = runs["fp32"], runs["amp"]
     assert len(amp) == len(fp32) == 3 + 2   # every layer of both towers prunes
-    for width, res in amp:
+    for _width, res in amp:
         assert res.threshold.dtype == torch.float32 and bool(torch.isfinite(res.threshold).all()), res.threshold
         assert bool(torch.isfinite(res.importance).all())
     # The first step of each tower sees the same rows in both runs: its kept sets nearly agree (measured on
