@@ -186,7 +186,7 @@ _cusparselt_weight = _PerWeight(
 
 
 def _torch_forward(x, values, meta, bias):
-    return F.linear(x.contiguous(), _dense_weight(values, meta), bias)
+    return F.linear(x, _dense_weight(values, meta), bias)
 
 
 _PLAIN = (Tensor, nn.Parameter)   # not subclasses that override torch functions (FakeTensor, DTensor, ...)
@@ -257,19 +257,18 @@ def sparse_linear(x: Tensor, weight: SparseWeight, bias: Tensor | None = None) -
     checks.check_same_device(x, "x", weight=weight.values, bias=bias)
     rows = math.prod(x.shape[:-1])
     impl = _dispatch.select("sparse_linear", x.device, x.dtype, rows=rows, features=weight.shape)
+    # Every path takes contiguous rows: the Triton kernel indexes by K // 2 and K // 8, the CUDA launcher refuses
+    # anything else, and CPU F.linear in fp16/bf16 accumulates in the input dtype on a strided x and, on a 1-D x
+    # with a strided bias, rounds x @ W^T before adding it (up to 57x the fp32-accumulation bound; test_attack).
+    # Views are copied here, contiguous tensors pass as they are.
+    rows_x = x.reshape(rows, in_features).contiguous()
+    bias = None if bias is None else bias.contiguous()
     if impl is _TORCH_OP and _direct_call(x, weight.values, bias):
-        # The dense weight is derived once per values tensor (a view included), contiguous [out_features,
-        # in_features]: the layout nn.Linear holds. x and bias go in as the op's path gives them, contiguous
-        # [rows, in_features]: CPU F.linear in fp16/bf16 accumulates in the input dtype on a strided x, and on a
-        # 1-D x with a strided bias rounds x @ W^T before adding it (up to 57x the fp32-accumulation bound;
-        # found by test_attack).
-        y = F.linear(x.reshape(rows, in_features).contiguous(), _dense_weight(weight.values, weight.meta),
-                     None if bias is None else bias.contiguous())
-        return y.reshape(*x.shape[:-1], out_features)
-    # Every backend indexes its operands as contiguous rows (the Triton kernel by K // 2 and K // 8, the CUDA
-    # launcher refuses anything else): views are copied here, contiguous tensors pass as they are.
-    y = impl(x.reshape(rows, in_features).contiguous(), weight.values.contiguous(), weight.meta.contiguous(),
-             None if bias is None else bias.contiguous())
+        # the dense weight is derived once per values tensor (a view included), contiguous [out_features,
+        # in_features]: the layout nn.Linear holds
+        y = F.linear(rows_x, _dense_weight(weight.values, weight.meta), bias)
+    else:
+        y = impl(rows_x, weight.values.contiguous(), weight.meta.contiguous(), bias)
     return y.reshape(*x.shape[:-1], out_features)
 
 
